@@ -1,0 +1,33 @@
+"""The `sd-export MODEL OUT` command."""
+
+from __future__ import annotations
+
+import sys
+
+from .exporter import DTYPES, ExportCheckError, export
+
+
+def parse_args(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="sd-export",
+        description="Export a Stable Diffusion checkpoint (Hub id, diffusers folder or preset) to ONNX for sdort.",
+    )
+    parser.add_argument("model", metavar="MODEL",
+                        help="Hub repo id, local diffusers folder, or preset: tiny, sd15-arch, sd21-arch")
+    parser.add_argument("out", metavar="OUT", help="folder to create")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32",
+                        help="fp16 converts text encoder and UNet; the VAE stays fp32 (default: fp32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        export(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, ExportCheckError) as exc:
+        print(f"sd-export: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

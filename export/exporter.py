@@ -1,0 +1,131 @@
+"""`export(model, out)`: a Source to an artifact folder, written atomically.
+
+Everything is built in a temporary folder beside OUT and renamed at the end, so a failed or
+interrupted export never leaves a half-written OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+
+from . import convert
+from .parts import STABLE_DIFFUSION_PARTS
+from .sources import load_source
+
+MANIFEST = "sdort.json"
+DTYPES = ("fp32", "fp16")
+
+
+class ExportCheckError(RuntimeError):
+    """An exported part's output drifted from torch's beyond the stated tolerance."""
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _save_part_config(module, folder: Path) -> None:
+    """config.json of the torch component, as diffusers/transformers write it."""
+    if hasattr(module, "save_config"):  # diffusers models
+        module.save_config(folder)
+    else:  # transformers models
+        module.config.save_pretrained(folder)
+
+
+def _build(source, tmp: Path, dtype: str, log) -> dict:
+    parts_info = {}
+    for part in STABLE_DIFFUSION_PARTS:
+        start = time.perf_counter()
+        module = source.modules[part.component]
+        folder = tmp / part.name
+        graph = convert.trace(part, module)
+        part_dtype = dtype if part.fp16 else "fp32"
+        if part_dtype == "fp16":
+            graph = convert.to_float16(graph)
+        convert.save(graph, folder)
+        del graph
+        _save_part_config(module, folder)
+        error = convert.check(part, module, folder, part_dtype)
+        tolerance = convert.TOLERANCE[part_dtype]
+        size = _folder_size(folder)
+        log(f"{part.name:<13} {time.perf_counter() - start:7.1f} s  {size / 1e6:9.1f} MB  {part_dtype}  "
+            f"max abs error vs torch {error:.2e} (tolerance {tolerance:.0e})")
+        if not error <= tolerance:
+            raise ExportCheckError(
+                f"{part.name}: ONNX Runtime output differs from torch by {error:.3e}, above the tolerance {tolerance:.0e}"
+            )
+        parts_info[part.name] = {"dtype": part_dtype, "inputs": part.inputs, "outputs": part.outputs,
+                                 "max_abs_error": error}
+    return parts_info
+
+
+def _write_files(source, tmp: Path, dtype: str, parts_info: dict) -> None:
+    (tmp / "tokenizer").mkdir()
+    for name, content in source.tokenizer_files.items():
+        (tmp / "tokenizer" / name).write_bytes(content)
+    (tmp / "scheduler").mkdir()
+    (tmp / "scheduler" / "scheduler_config.json").write_bytes(source.scheduler_config)
+    scheduler_class = json.loads(source.scheduler_config).get("_class_name", "PNDMScheduler")
+    index = {
+        "_class_name": source.pipeline_class,
+        "_diffusers_version": _version("diffusers"),
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", type(source.modules["text_encoder"]).__name__],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", type(source.modules["unet"]).__name__],
+        "vae_decoder": ["diffusers", "AutoencoderKL"],
+        "vae_encoder": ["diffusers", "AutoencoderKL"],
+    }
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    manifest = {
+        "format": 1,
+        "source": source.description,
+        "dtype": dtype,
+        "opset": convert.OPSET,
+        "parts": parts_info,
+        "versions": {p: _version(p) for p in ("sdort", "torch", "diffusers", "transformers", "onnx", "onnxruntime")},
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def export(model: str, out, dtype: str = "fp32", overwrite: bool = False, log=print) -> Path:
+    """Export MODEL (preset, diffusers folder or Hub id) to the artifact folder OUT."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
+    source = load_source(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        parts_info = _build(source, tmp, dtype, log)
+        _write_files(source, tmp, dtype, parts_info)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:  # also on KeyboardInterrupt
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"exported {source.description} to {out} ({_folder_size(out) / 1e6:.1f} MB)")
+    return out

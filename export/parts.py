@@ -1,0 +1,129 @@
+"""The export contract of each ONNX part: input and output names, dynamic axes, sample inputs.
+
+Declared once here and used both to trace the torch module and to check the exported graph
+in ONNX Runtime. The names follow the layout of Optimum's ONNX Runtime diffusion pipelines
+(see DESIGN.md), which sdort's runtime reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+class _TextEncoder(torch.nn.Module):
+    """CLIP text encoder: input_ids -> (last_hidden_state, pooler_output)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        out = self.model(input_ids=input_ids, return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class _UNet(torch.nn.Module):
+    """UNet: (sample, timestep [B] float, encoder_hidden_states) -> out_sample."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class _VaeEncoder(torch.nn.Module):
+    """VAE encoder: image in [-1, 1] -> latent_parameters (mean and logvar, concatenated on channels).
+
+    The Gaussian is sampled in numpy by the runtime, so that its generator controls the noise.
+    """
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return self.vae.encode(sample, return_dict=False)[0].parameters
+
+
+class _VaeDecoder(torch.nn.Module):
+    """VAE decoder: latent_sample (already divided by scaling_factor) -> image in about [-1, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+@dataclass
+class Part:
+    """One ONNX graph of the artifact: which torch component it comes from and its I/O contract."""
+
+    name: str  # folder name in the artifact
+    component: str  # key of the torch component it is traced from
+    wrap: Callable[[torch.nn.Module], torch.nn.Module]
+    inputs: list[str]
+    outputs: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    sample: Callable[..., tuple]  # (module, batch, height, width) -> sample inputs
+    fp16: bool = True  # converted to float16 by `--dtype fp16` (the VAE stays float32: it overflows)
+    extra: dict = field(default_factory=dict)
+
+
+def _text_sample(model, batch, height, width):
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, vocab, (batch, model.config.max_position_embeddings), generator=generator)
+    return (ids.to(torch.int32),)
+
+
+def _unet_sample(model, batch, height, width):
+    cfg = model.config
+    generator = torch.Generator().manual_seed(batch)
+    sample = torch.randn(batch, cfg.in_channels, height, width, generator=generator)
+    timestep = torch.linspace(1.0, 981.0, batch)
+    hidden = torch.randn(batch, 77, cfg.cross_attention_dim, generator=generator)
+    return sample, timestep, hidden
+
+
+def _vae_encoder_sample(vae, batch, height, width):
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    generator = torch.Generator().manual_seed(batch)
+    return (torch.rand(batch, vae.config.in_channels, height * factor, width * factor, generator=generator) * 2 - 1,)
+
+
+def _vae_decoder_sample(vae, batch, height, width):
+    generator = torch.Generator().manual_seed(batch)
+    return (torch.randn(batch, vae.config.latent_channels, height, width, generator=generator),)
+
+
+_IMAGE_AXES = {0: "batch", 2: "height", 3: "width"}
+_LATENT_AXES = {0: "batch", 2: "latent_height", 3: "latent_width"}
+
+TEXT_ENCODER = Part(
+    "text_encoder", "text_encoder", _TextEncoder, ["input_ids"], ["last_hidden_state", "pooler_output"],
+    {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}, "pooler_output": {0: "batch"}},
+    _text_sample,
+)
+UNET = Part(
+    "unet", "unet", _UNet, ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
+    {"sample": _LATENT_AXES, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch", 1: "sequence"},
+     "out_sample": _LATENT_AXES},
+    _unet_sample,
+)
+VAE_ENCODER = Part(
+    "vae_encoder", "vae", _VaeEncoder, ["sample"], ["latent_parameters"],
+    {"sample": _IMAGE_AXES, "latent_parameters": _LATENT_AXES}, _vae_encoder_sample, fp16=False,
+)
+VAE_DECODER = Part(
+    "vae_decoder", "vae", _VaeDecoder, ["latent_sample"], ["sample"],
+    {"latent_sample": _LATENT_AXES, "sample": _IMAGE_AXES}, _vae_decoder_sample, fp16=False,
+)
+
+STABLE_DIFFUSION_PARTS = [TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER]
