@@ -186,7 +186,8 @@ class CLIPTokenizer:
             tokens.append(tok)
         if tokens:
             backend.add_tokens(tokens)
-        backend.encode_special_tokens = bool(split_special_tokens)
+        if split_special_tokens:
+            backend.encode_special_tokens = True
 
         for idx, tok in (added_tokens_decoder or {}).items():
             got = backend.token_to_id(str(tok))
