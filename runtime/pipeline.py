@@ -1,0 +1,271 @@
+"""What every task pipeline shares: loading an exported folder, prompt encoding, the one denoising
+loop, latent preparation and decoding.
+
+A task pipeline (text-to-image, image-to-image, ...) only checks its inputs and says what it adds
+to the loop: where the schedule starts, how the first latents are made, which extra channels the
+UNet reads, and what happens after each step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..schedulers import get_scheduler_class
+from ..schedulers.noise import randn_tensor
+from .image_processor import VaeImageProcessor
+from .random import as_generator
+from .sessions import OnnxModel
+from .tokenizer import CLIPTokenizer
+
+logger = logging.getLogger("sdort")
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass
+class StableDiffusionPipelineOutput:
+    """As diffusers' output: `images` (PIL list or NHWC float32 array, or latents) and the safety flags.
+
+    sdort ships no safety checker, so `nsfw_content_detected` is always None.
+    """
+
+    images: object
+    nsfw_content_detected: list | None = None
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    return json.loads(path.read_text())
+
+
+def rescale_noise_cfg(noise_cfg: np.ndarray, noise_pred_text: np.ndarray, guidance_rescale: float) -> np.ndarray:
+    """Rescale guided noise towards the text prediction's std (Lin et al. 2023, §3.4), as diffusers does."""
+    axes = tuple(range(1, noise_pred_text.ndim))
+    std_text = noise_pred_text.std(axis=axes, keepdims=True)
+    std_cfg = noise_cfg.std(axis=axes, keepdims=True)
+    rescaled = noise_cfg * (std_text / std_cfg)
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
+
+
+def retrieve_timesteps(scheduler, num_inference_steps, timesteps=None, sigmas=None) -> int:
+    """Set the schedule from a step count, or from custom `timesteps` or `sigmas` (diffusers'
+    `retrieve_timesteps`); returns the number of steps."""
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("timesteps and sigmas: pass at most one of them")
+    if timesteps is not None:
+        scheduler.set_timesteps(timesteps=timesteps)
+    elif sigmas is not None:
+        scheduler.set_timesteps(sigmas=sigmas)
+    else:
+        scheduler.set_timesteps(num_inference_steps)
+    return len(scheduler.timesteps)
+
+
+class DiffusionPipeline:
+    """Base of sdort's Stable Diffusion pipelines: the loaded parts and the shared denoising machinery."""
+
+    # Parts (folder names) every pipeline of this class needs, and those it uses when present.
+    required_parts = ("text_encoder", "unet", "vae_decoder")
+    optional_parts = ("vae_encoder",)
+
+    def __init__(self, text_encoder, tokenizer, unet, vae_decoder, scheduler, vae_encoder=None, **extra_parts):
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.unet = unet
+        self.vae_decoder = vae_decoder
+        self.vae_encoder = vae_encoder
+        self.scheduler = scheduler
+        for name, part in extra_parts.items():
+            setattr(self, name, part)
+        self._component_names = ["text_encoder", "tokenizer", "unet", "vae_decoder", "vae_encoder", "scheduler",
+                                 *extra_parts]
+        self.vae_scale_factor = 2 ** (len(vae_decoder.config.get("block_out_channels", [0] * 4)) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._progress_bar_config = {}
+        for name in self.required_parts:
+            if getattr(self, name, None) is None:
+                raise ValueError(f"{type(self).__name__} needs the '{name}' part")
+
+    @property
+    def components(self) -> dict:
+        """The loaded parts by name; `OtherPipeline(**pipe.components)` shares the same sessions."""
+        return {name: getattr(self, name) for name in self._component_names}
+
+    @classmethod
+    def from_pretrained(cls, path, provider: str = "auto", session_options=None, **overrides):
+        """Load an exported folder (sdort's `sd-export` or Optimum's ONNX layout).
+
+        `overrides` replace loaded components (e.g. `scheduler=...`), as in diffusers.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such model folder")
+        if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+            raise FileNotFoundError(f"{path}: not an exported model (no model_index.json)")
+        parts = {}
+        for name in cls.required_parts + cls.optional_parts:
+            if name in overrides:
+                continue
+            model_file = path / name / "model.onnx"
+            if not model_file.is_file():
+                if name in cls.required_parts:
+                    raise FileNotFoundError(f"{model_file}: the '{name}' part is missing")
+                continue
+            parts[name] = OnnxModel(model_file, provider=provider, name=name, session_options=session_options)
+        if "tokenizer" not in overrides:
+            parts["tokenizer"] = CLIPTokenizer.from_pretrained(path / "tokenizer")
+        if "scheduler" not in overrides:
+            config = read_json(path / "scheduler" / "scheduler_config.json")
+            parts["scheduler"] = get_scheduler_class(config.get("_class_name", "PNDMScheduler")).from_config(config)
+        parts.update(overrides)
+        return cls(**parts)
+
+    def set_progress_bar_config(self, **kwargs):
+        """As diffusers: e.g. `pipe.set_progress_bar_config(disable=True)`."""
+        self._progress_bar_config = kwargs
+
+    # ---- prompts -------------------------------------------------------------------------
+
+    def _embed(self, prompts: list[str]) -> np.ndarray:
+        ids = self.tokenizer(prompts)
+        return self.text_encoder(input_ids=ids)["last_hidden_state"].astype(np.float32)
+
+    def encode_prompt(self, prompt, num_images_per_prompt: int, do_classifier_free_guidance: bool,
+                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None):
+        """Text embeddings for the prompts, each repeated `num_images_per_prompt` times; and, with
+        guidance, the negative ones (empty prompts when none given). Matches diffusers' encode_prompt."""
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = self._embed(prompts)
+        prompt_embeds = np.asarray(prompt_embeds, dtype=np.float32)
+        batch_size = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            if negative_prompt is None:
+                negatives = [""] * batch_size
+            elif isinstance(negative_prompt, str):
+                negatives = [negative_prompt] * batch_size
+            else:
+                negatives = list(negative_prompt)
+            negative_prompt_embeds = self._embed(negatives)
+        # diffusers: embeds.repeat(1, n, 1).view(batch * n, seq, dim), i.e. each prompt n times in a row
+        prompt_embeds = np.repeat(prompt_embeds, num_images_per_prompt, axis=0)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = np.repeat(np.asarray(negative_prompt_embeds, np.float32), num_images_per_prompt, 0)
+        return prompt_embeds, negative_prompt_embeds
+
+    # ---- latents -------------------------------------------------------------------------
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple:
+        channels = self.vae_decoder.config.get("latent_channels", 4)
+        return (batch, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+    def prepare_latents(self, shape, generator, latents, scheduler) -> np.ndarray:
+        """Initial noise drawn from `generator` (or the given `latents`), times the scheduler's init sigma.
+
+        Noise is drawn in the UNet's input dtype, as diffusers draws in the model's dtype.
+        """
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, dtype=self.unet.inputs["sample"].dtype)
+        else:
+            latents = np.asarray(latents)
+            if latents.shape != tuple(shape):
+                raise ValueError(f"latents: expected shape {tuple(shape)}, got {latents.shape}")
+        return latents.astype(np.float32) * np.float32(scheduler.init_noise_sigma)
+
+    def check_generator(self, generator, batch: int):
+        generator = as_generator(generator)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(
+                f"generator: a list of {len(generator)} generators was given, but the effective batch size is {batch}"
+            )
+        return generator
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def _timestep_feed(self, t, batch: int) -> np.ndarray:
+        """The timestep as this UNet's session wants it: a scalar or one value per batch item."""
+        spec = self.unet.inputs["timestep"]
+        if len(spec.shape) == 0:
+            return np.asarray(t)
+        size = spec.shape[0] if isinstance(spec.shape[0], int) else batch
+        return np.full((size,), t)
+
+    def denoise(
+        self,
+        latents: np.ndarray,
+        timesteps,
+        scheduler,
+        prompt_embeds: np.ndarray,
+        negative_prompt_embeds: np.ndarray | None,
+        guidance_scale: float,
+        guidance_rescale: float = 0.0,
+        generator=None,
+        eta: float = 0.0,
+        conditioning: np.ndarray | None = None,
+        after_step: Callable | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs=("latents",),
+    ) -> np.ndarray:
+        """The denoising loop shared by every task, as diffusers' pipelines run it.
+
+        With guidance, the unconditional and conditional inputs go through the UNet as one batch.
+        `conditioning` is concatenated to the latents on the channel axis before the UNet
+        (inpainting mask and masked image, depth); `after_step(i, t, latents)` may change the
+        latents after each step (inpainting with a 4-channel UNet re-imposes the known region).
+        """
+        do_cfg = negative_prompt_embeds is not None
+        embeds = np.concatenate([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+        # Constant over all steps: placed on the session's device once.
+        embeds_on_device = self.unet.to_device("encoder_hidden_states", embeds)
+        if conditioning is not None and do_cfg:
+            conditioning = np.concatenate([conditioning, conditioning])
+        step_kwargs = {"generator": generator, "eta": eta}
+        self._num_timesteps = len(timesteps)
+        for i, t in enumerate(tqdm(timesteps, **self._progress_bar_config)):
+            model_input = np.concatenate([latents, latents]) if do_cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            if conditioning is not None:
+                model_input = np.concatenate([model_input, conditioning], axis=1)
+            noise_pred = self.unet(
+                sample=model_input, timestep=self._timestep_feed(t, model_input.shape[0]),
+                encoder_hidden_states=embeds_on_device,
+            )["out_sample"].astype(np.float32)
+            if do_cfg:
+                noise_uncond, noise_text = np.split(noise_pred, 2)
+                noise_pred = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)
+                if guidance_rescale > 0:
+                    noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale)
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            if after_step is not None:
+                latents = after_step(i, t, latents)
+            if callback_on_step_end is not None:
+                # As in diffusers, `prompt_embeds` here is the batch the UNet sees (negative first).
+                values = {"latents": latents, "prompt_embeds": embeds, "negative_prompt_embeds": negative_prompt_embeds}
+                changed = callback_on_step_end(self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs}) or {}
+                latents = changed.get("latents", latents)
+                if "prompt_embeds" in changed:
+                    embeds = changed["prompt_embeds"]
+                    embeds_on_device = self.unet.to_device("encoder_hidden_states", embeds)
+        return latents
+
+    def decode(self, latents: np.ndarray, output_type: str):
+        """VAE decoding and postprocessing, as diffusers: decode(latents / scaling_factor), then [0, 1]."""
+        if output_type == "latent":
+            return latents
+        scaling = self.vae_decoder.config.get("scaling_factor", 0.18215)
+        image = self.vae_decoder(latent_sample=latents / np.float32(scaling))["sample"].astype(np.float32)
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+    @staticmethod
+    def fresh_scheduler(scheduler):
+        """A copy of the scheduler for one call, so concurrent calls never share step counters."""
+        return copy.deepcopy(scheduler)
