@@ -135,8 +135,8 @@ class DiffusionPipeline:
 
     # ---- prompts -------------------------------------------------------------------------
 
-    def _embed(self, prompts: list[str]) -> np.ndarray:
-        ids = self.tokenizer(prompts)
+    def _embed(self, prompts: list[str], warn: bool = True) -> np.ndarray:
+        ids = self.tokenizer(prompts, warn=warn)
         return self.text_encoder(input_ids=ids)["last_hidden_state"].astype(np.float32)
 
     def encode_prompt(self, prompt, num_images_per_prompt: int, do_classifier_free_guidance: bool,
@@ -155,7 +155,7 @@ class DiffusionPipeline:
                 negatives = [negative_prompt] * batch_size
             else:
                 negatives = list(negative_prompt)
-            negative_prompt_embeds = self._embed(negatives)
+            negative_prompt_embeds = self._embed(negatives, warn=False)  # diffusers warns for prompts only
         # diffusers: embeds.repeat(1, n, 1).view(batch * n, seq, dim), i.e. each prompt n times in a row
         prompt_embeds = np.repeat(prompt_embeds, num_images_per_prompt, axis=0)
         if negative_prompt_embeds is not None:
