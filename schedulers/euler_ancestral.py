@@ -1,0 +1,129 @@
+"""Ancestral Euler sampler (k-diffusion ``sample_euler_ancestral``) on numpy.
+
+Matches ``diffusers.EulerAncestralDiscreteScheduler`` (0.42): each step goes deterministically
+down to sigma_down and adds fresh noise of standard deviation sigma_up, drawn from ``generator``
+at every step (the last one included) exactly as diffusers draws it. Prediction types epsilon and
+v_prediction, the three timestep spacings, zero-terminal-SNR rescaling.
+
+Limitations: no custom timesteps/sigmas and no karras sigmas (diffusers' class has none either);
+``sample`` prediction is refused (diffusers raises NotImplementedError at step time, sdort when
+the scheduler is built). float16 model outputs are computed in float32 and returned in float16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import KARRAS_COMPATIBLES, SchedulerOutput, SigmaSchedulerMixin, check_option, logger, register_to_config
+from .euler import refuse_integer_timestep, upcast
+from .noise import randn_tensor
+from .schedule import (
+    BETA_SCHEDULES,
+    TIMESTEP_SPACINGS,
+    alphas_from_betas,
+    interp_sigmas,
+    make_betas,
+    rescale_zero_terminal_snr,
+    sigmas_from_alphas_cumprod,
+    spaced_timesteps,
+)
+
+EulerAncestralDiscreteSchedulerOutput = SchedulerOutput
+
+
+class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
+    """Euler step to sigma_down plus fresh noise sigma_up (ancestral sampling)."""
+
+    _compatibles = KARRAS_COMPATIBLES
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+    ):
+        name = type(self).__name__
+        check_option(name, "prediction_type", prediction_type, ("epsilon", "v_prediction"))
+        check_option(name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        self.betas = make_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, BETA_SCHEDULES, name
+        )
+        if rescale_betas_zero_snr:
+            self.betas = rescale_zero_terminal_snr(self.betas)
+        self.alphas, self.alphas_cumprod = alphas_from_betas(self.betas)
+        if rescale_betas_zero_snr:
+            self.alphas_cumprod[-1] = 2**-24
+        sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
+        self.sigmas = np.concatenate([sigmas[::-1], [0.0]]).astype(np.float32)
+        self.num_inference_steps = None
+        self.timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps)[::-1].copy()
+        self.is_scale_input_called = False
+        self._step_index = None
+        self._begin_index = None
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        """Compute ``timesteps`` (float32) and ``sigmas`` (float32, 0 appended)."""
+        cfg = self.config
+        self.num_inference_steps = num_inference_steps
+        timesteps = spaced_timesteps(
+            num_inference_steps,
+            cfg.num_train_timesteps,
+            cfg.timestep_spacing,
+            cfg.steps_offset,
+            round_linspace=False,
+            owner=type(self).__name__,
+        ).astype(np.float32)
+        sigmas = interp_sigmas(timesteps, sigmas_from_alphas_cumprod(self.alphas_cumprod))
+        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        self.timesteps = timesteps
+        self._step_index = None
+        self._begin_index = None
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
+        """One ancestral step; extra keyword arguments (eta…) are ignored."""
+        refuse_integer_timestep(timestep, type(self).__name__)
+        if not self.is_scale_input_called:
+            logger.warning("call scale_model_input before step so that the model input is scaled correctly")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+
+        model_output = np.asarray(model_output)
+        out_dtype = model_output.dtype
+        sample = np.asarray(sample).astype(np.float32)
+        eps = upcast(model_output)
+        sigma = self.sigmas[self._step_index]
+
+        # denoised x_0
+        if self.config.prediction_type == "epsilon":
+            pred_original_sample = sample - sigma * eps
+        else:
+            # v: x_0 = -sigma / sqrt(sigma^2 + 1) * v + x / (sigma^2 + 1)
+            c = sigma * sigma + 1
+            pred_original_sample = eps * (-sigma / np.sqrt(c)) + (sample / c)
+
+        sigma_from = sigma
+        sigma_to = self.sigmas[self._step_index + 1]
+        # sigma_up = sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2);  sigma_down = sqrt(sigma_to^2 - sigma_up^2)
+        from2, to2 = sigma_from * sigma_from, sigma_to * sigma_to
+        sigma_up = np.sqrt(to2 * (from2 - to2) / from2)
+        sigma_down = np.sqrt(to2 - sigma_up * sigma_up)
+
+        # Euler step to sigma_down, then fresh noise of std sigma_up
+        derivative = (sample - pred_original_sample) / sigma
+        dt = sigma_down - sigma
+        prev_sample = sample + derivative * dt
+        noise = randn_tensor(model_output.shape, generator=generator, dtype=model_output.dtype)
+        prev_sample = (prev_sample + upcast(noise) * sigma_up).astype(out_dtype, copy=False)
+
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample, pred_original_sample)
+        return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)

@@ -1,0 +1,370 @@
+"""Schedule maths shared by the schedulers, as pure numpy functions.
+
+Every function reproduces the arithmetic of diffusers 0.42 (which computes these arrays with
+torch in float32, or with numpy in float64 where it drops to numpy), so that schedules agree
+to the last bit or within one float32 rounding:
+
+* ``linspace_f32`` evaluates points the way torch.linspace does in float32 (from both ends, one
+  rounding per point), and ``cumprod_f32`` accumulates in float64 as torch's CPU cumprod does.
+* sigma schedules (karras, exponential, beta, lu) and ``sigma_to_t`` work in float64 like diffusers;
+  callers cast to float32 where diffusers does.
+* ``beta_ppf`` replaces ``scipy.stats.beta.ppf`` (scipy is not a dependency), to ~1e-15.
+
+Names follow the reference: alpha_bar (``alphas_cumprod``), beta, sigma = sqrt((1-alpha_bar)/alpha_bar).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .base import broadcast_to_ndim, check_option
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+# ---------------------------------------------------------------------------- float32 primitives
+def linspace_f32(start, end, num: int) -> np.ndarray:
+    """``num`` float32 points from ``start`` to ``end``, rounded as torch.linspace(dtype=float32) rounds them.
+
+    torch computes step = (end - start) / (num - 1) in float32, then point i as start + step * i in
+    the first half and end - step * (num - 1 - i) in the second, each with one rounding (fused
+    multiply-add). The float64 evaluation below rounds once in the same way.
+    """
+    num = int(num)
+    start32, end32 = np.float32(start), np.float32(end)
+    if num <= 1:
+        return np.full(max(num, 0), start32, dtype=np.float32)
+    step = np.float32((end32 - start32) / np.float32(num - 1))
+    i = np.arange(num)
+    from_start = np.float64(start32) + np.float64(step) * i
+    from_end = np.float64(end32) - np.float64(step) * (num - 1 - i)
+    return np.where(i < num // 2, from_start, from_end).astype(np.float32)
+
+
+def cumprod_f32(values) -> np.ndarray:
+    """Cumulative product of a float32 array, accumulated in float64 like torch.cumprod on the CPU."""
+    return np.cumprod(np.asarray(values, dtype=np.float64)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- betas and alphas
+def betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999, alpha_transform_type: str = "cosine"):
+    """beta_i = min(1 - alpha_bar((i+1)/T) / alpha_bar(i/T), max_beta) for a continuous alpha_bar(t), in float32."""
+    if alpha_transform_type == "cosine":
+        # alpha_bar(t) = cos((t + 0.008) / 1.008 * pi / 2) ** 2   (Nichol & Dhariwal "squaredcos_cap_v2")
+        def alpha_bar_fn(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    elif alpha_transform_type == "laplace":
+        # lmb = -0.5 * sign(0.5 - t) * log(1 - 2|0.5 - t| + 1e-6);  alpha_bar = sqrt(snr / (1 + snr)), snr = exp(lmb)
+        def alpha_bar_fn(t):
+            lmb = -0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
+            snr = math.exp(lmb)
+            return math.sqrt(snr / (1 + snr))
+
+    elif alpha_transform_type == "exp":
+        # alpha_bar(t) = exp(-12 t)
+        def alpha_bar_fn(t):
+            return math.exp(t * -12.0)
+
+    else:
+        check_option("betas_for_alpha_bar", "alpha_transform_type", alpha_transform_type, ("cosine", "laplace", "exp"))
+
+    betas = [
+        min(1 - alpha_bar_fn((i + 1) / num_diffusion_timesteps) / alpha_bar_fn(i / num_diffusion_timesteps), max_beta)
+        for i in range(num_diffusion_timesteps)
+    ]
+    return np.asarray(betas, dtype=np.float32)
+
+
+def make_betas(
+    num_train_timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    beta_schedule: str,
+    trained_betas=None,
+    supported=BETA_SCHEDULES,
+    owner: str = "scheduler",
+) -> np.ndarray:
+    """The training betas (float32) from the config; ``supported`` lists the schedules the class accepts."""
+    if trained_betas is not None:
+        return np.array(trained_betas, dtype=np.float32)
+    check_option(owner, "beta_schedule", beta_schedule, supported)
+    if beta_schedule == "linear":
+        return linspace_f32(beta_start, beta_end, num_train_timesteps)
+    if beta_schedule == "scaled_linear":
+        # betas = linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2   (Stable Diffusion)
+        return np.square(linspace_f32(beta_start**0.5, beta_end**0.5, num_train_timesteps))
+    if beta_schedule == "squaredcos_cap_v2":
+        return betas_for_alpha_bar(num_train_timesteps)
+    if beta_schedule == "laplace":
+        return betas_for_alpha_bar(num_train_timesteps, alpha_transform_type="laplace")
+    if beta_schedule == "sigmoid":
+        # betas = sigmoid(linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start   (GeoDiff)
+        x = linspace_f32(-6, 6, num_train_timesteps)
+        sig = (np.float32(1) / (np.float32(1) + np.exp(-x))).astype(np.float32)
+        return (sig * np.float32(beta_end - beta_start) + np.float32(beta_start)).astype(np.float32)
+    raise AssertionError(beta_schedule)
+
+
+def rescale_zero_terminal_snr(betas) -> np.ndarray:
+    """Rescale betas so that alpha_bar_T = 0 (zero terminal SNR, Lin et al. 2023, Algorithm 1), in float32."""
+    betas = np.asarray(betas, dtype=np.float32)
+    alphas_bar_sqrt = np.sqrt(cumprod_f32(np.float32(1) - betas))
+    a0, aT = alphas_bar_sqrt[0], alphas_bar_sqrt[-1]
+    # shift so the last value is 0, scale so the first is unchanged
+    alphas_bar_sqrt = (alphas_bar_sqrt - aT) * (a0 / (a0 - aT))
+    alphas_bar = np.square(alphas_bar_sqrt)
+    alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])  # revert the cumprod
+    return (np.float32(1) - alphas).astype(np.float32)
+
+
+def alphas_from_betas(betas):
+    """(alphas, alphas_cumprod) = (1 - beta, prod_{s<=t} alpha_s), float32."""
+    alphas = (np.float32(1) - np.asarray(betas, dtype=np.float32)).astype(np.float32)
+    return alphas, cumprod_f32(alphas)
+
+
+# ---------------------------------------------------------------------------- timesteps
+def spaced_timesteps(
+    num_inference_steps: int,
+    num_train_timesteps: int,
+    timestep_spacing: str,
+    steps_offset: int = 0,
+    round_linspace: bool = True,
+    owner: str = "scheduler",
+) -> np.ndarray:
+    """The inference timesteps, descending, as float64 (callers cast to int64 or float32).
+
+    linspace: linspace(0, T-1, n) (rounded unless ``round_linspace`` is False);
+    leading:  arange(n) * (T // n) + steps_offset;
+    trailing: round(arange(T, 0, -T/n)) - 1  (Lin et al. 2023, table 2).
+    """
+    check_option(owner, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+    n, T = int(num_inference_steps), int(num_train_timesteps)
+    if timestep_spacing == "linspace":
+        timesteps = np.linspace(0, T - 1, n)
+        if round_linspace:
+            timesteps = timesteps.round()
+        return timesteps[::-1].copy()
+    if timestep_spacing == "leading":
+        step_ratio = T // n
+        return (np.arange(0, n) * step_ratio).round()[::-1].astype(np.float64) + steps_offset
+    step_ratio = T / n
+    return np.round(np.arange(T, 0, -step_ratio)) - 1
+
+
+# ---------------------------------------------------------------------------- sigmas
+def sigmas_from_alphas_cumprod(alphas_cumprod) -> np.ndarray:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), same dtype as the input (ascending in t)."""
+    ac = np.asarray(alphas_cumprod)
+    return np.sqrt((1 - ac) / ac)
+
+
+def interp_sigmas(timesteps, sigmas) -> np.ndarray:
+    """sigma at fractional timesteps by linear interpolation of the training sigmas (float64)."""
+    return np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
+
+
+def sigma_range(in_sigmas, sigma_min=None, sigma_max=None):
+    """(sigma_min, sigma_max) as Python floats: the config's values, else the ends of descending ``in_sigmas``."""
+    sigma_min = sigma_min if sigma_min is not None else float(in_sigmas[-1])
+    sigma_max = sigma_max if sigma_max is not None else float(in_sigmas[0])
+    return sigma_min, sigma_max
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, rho: float = 7.0) -> np.ndarray:
+    """sigma_i = (sigma_max^(1/rho) + i/(n-1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho  (Karras et al. 2022, eq. 5)."""
+    ramp = np.linspace(0, 1, num_inference_steps)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def lu_lambdas(lambda_min: float, lambda_max: float, num_inference_steps: int) -> np.ndarray:
+    """Lambdas uniform in log-SNR (Lu et al. DPM-Solver): the karras ramp with rho = 1."""
+    return karras_sigmas(lambda_min, lambda_max, num_inference_steps, rho=1.0)
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int) -> np.ndarray:
+    """sigmas evenly spaced in log: exp(linspace(log sigma_max, log sigma_min, n))."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps))
+
+
+def beta_sigmas(
+    sigma_min: float, sigma_max: float, num_inference_steps: int, alpha: float = 0.6, beta: float = 0.6
+) -> np.ndarray:
+    """sigma_i = sigma_min + ppf_{Beta(alpha, beta)}(1 - i/(n-1)) * (sigma_max - sigma_min)  ("Beta Sampling is All You Need")."""
+    quantiles = 1 - np.linspace(0, 1, num_inference_steps)
+    return np.array([sigma_min + beta_ppf(q, alpha, beta) * (sigma_max - sigma_min) for q in quantiles])
+
+
+def sigma_to_t(sigma, log_sigmas) -> np.ndarray:
+    """Fractional timestep of ``sigma`` by linear interpolation of log sigma between training steps.
+
+    ``log_sigmas`` are the log training sigmas in ascending-t order. Same arithmetic (and dtypes) as
+    diffusers' ``_sigma_to_t``, vectorised: float64 result of ``sigma``'s shape.
+    """
+    sigma = np.asarray(sigma)
+    log_sigma = np.log(np.maximum(sigma, 1e-10)).reshape(-1)
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    # index of the last training sigma not above sigma, kept below the top so that high = low + 1 exists
+    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    t = (1 - w) * low_idx + w * high_idx
+    return t.reshape(sigma.shape)
+
+
+def sigma_to_alpha_sigma_t(sigma, flow: bool = False):
+    """(alpha_t, sigma_t) of the VP process for a k-diffusion sigma: alpha_t = 1/sqrt(sigma^2+1), sigma_t = sigma*alpha_t.
+
+    With ``flow`` (flow-matching sigmas): alpha_t = 1 - sigma, sigma_t = sigma.
+    """
+    if flow:
+        return 1 - sigma, sigma
+    alpha_t = 1 / np.sqrt(sigma * sigma + 1)
+    return alpha_t, sigma * alpha_t
+
+
+# ---------------------------------------------------------------------------- Beta distribution quantile
+def _betacf(a: float, b: float, x: float) -> float:
+    # Continued fraction of the incomplete beta function (modified Lentz).
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-16:
+            break
+    return h
+
+
+def _log_beta(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def beta_cdf(x: float, a: float, b: float) -> float:
+    """Regularised incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) - _log_beta(a, b))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """Quantile of the Beta(a, b) distribution: x with I_x(a, b) = q (Newton steps kept inside a bisection bracket)."""
+    q = float(q)
+    if q <= 0.0:
+        return 0.0
+    if q >= 1.0:
+        return 1.0
+    lo, hi, x = 0.0, 1.0, 0.5
+    log_b = _log_beta(a, b)
+    for _ in range(200):
+        f = beta_cdf(x, a, b) - q
+        if f == 0.0:
+            return x
+        if f < 0:
+            lo = x
+        else:
+            hi = x
+        pdf = math.exp((a - 1.0) * math.log(x) + (b - 1.0) * math.log1p(-x) - log_b)
+        x_new = x - f / pdf if pdf > 0 else 0.5 * (lo + hi)
+        if not lo < x_new < hi:
+            x_new = 0.5 * (lo + hi)
+        if abs(x_new - x) <= 4e-16 * x or hi - lo <= 4e-16 * x:
+            return x_new
+        x = x_new
+    return x
+
+
+# ---------------------------------------------------------------------------- predictions and noise (VP form)
+def vp_prediction_to_x0_eps(prediction_type, model_output, sample, alpha_prod_t, beta_prod_t):
+    """(predicted x_0, predicted epsilon) from a model output, for x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps.
+
+    epsilon:      x_0 = (x_t - sqrt(beta_prod_t) eps) / sqrt(alpha_prod_t)
+    sample:       eps = (x_t - sqrt(alpha_prod_t) x_0) / sqrt(beta_prod_t)
+    v_prediction: x_0 = sqrt(alpha_prod_t) x_t - sqrt(beta_prod_t) v;  eps = sqrt(alpha_prod_t) v + sqrt(beta_prod_t) x_t
+    """
+    sqrt_a, sqrt_b = np.sqrt(alpha_prod_t), np.sqrt(beta_prod_t)
+    if prediction_type == "epsilon":
+        return (sample - sqrt_b * model_output) / sqrt_a, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - sqrt_a * model_output) / sqrt_b
+    if prediction_type == "v_prediction":
+        return sqrt_a * sample - sqrt_b * model_output, sqrt_a * model_output + sqrt_b * sample
+    check_option("scheduler", "prediction_type", prediction_type, PREDICTION_TYPES)
+
+
+def add_noise_vp(alphas_cumprod, original_samples, noise, timesteps) -> np.ndarray:
+    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise, per batch item, in the samples' dtype."""
+    original_samples = np.asarray(original_samples)
+    ac = np.asarray(alphas_cumprod).astype(original_samples.dtype)[np.asarray(timesteps, dtype=np.int64)]
+    sqrt_alpha_prod = broadcast_to_ndim(np.sqrt(ac), original_samples.ndim)
+    sqrt_one_minus_alpha_prod = broadcast_to_ndim(np.sqrt(1 - ac), original_samples.ndim)
+    return sqrt_alpha_prod * original_samples + sqrt_one_minus_alpha_prod * np.asarray(noise)
+
+
+def velocity_vp(alphas_cumprod_t, sample, noise) -> np.ndarray:
+    """v = sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x_0 for per-batch alpha_bar_t values."""
+    sample = np.asarray(sample)
+    ac = np.asarray(alphas_cumprod_t).astype(sample.dtype)
+    sqrt_alpha_prod = broadcast_to_ndim(np.sqrt(ac), sample.ndim)
+    sqrt_one_minus_alpha_prod = broadcast_to_ndim(np.sqrt(1 - ac), sample.ndim)
+    return sqrt_alpha_prod * np.asarray(noise) - sqrt_one_minus_alpha_prod * sample
+
+
+# ---------------------------------------------------------------------------- dynamic thresholding
+def _quantile_like_torch(x2d: np.ndarray, q: float) -> np.ndarray:
+    # torch.quantile(linear): rank = q * (n - 1) in the input dtype, then lerp between the neighbours.
+    n = x2d.shape[1]
+    rank = x2d.dtype.type(q) * x2d.dtype.type(n - 1)
+    below, above = int(math.floor(rank)), int(math.ceil(rank))
+    weight = float(rank - x2d.dtype.type(below))
+    part = np.partition(x2d, sorted({below, above}), axis=1)
+    lo, hi = part[:, below].astype(np.float64), part[:, above].astype(np.float64)
+    if weight < 0.5:
+        value = lo + weight * (hi - lo)
+    else:
+        value = hi - (hi - lo) * (1.0 - weight)
+    return value.astype(x2d.dtype)
+
+
+def threshold_sample(sample, dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0) -> np.ndarray:
+    """Dynamic thresholding (Imagen, Saharia et al. 2022): clip x_0 to [-s, s] and divide by s.
+
+    s = clamp(quantile(|x_0|, ratio) per batch item, 1, sample_max_value).
+    """
+    sample = np.asarray(sample)
+    dtype = sample.dtype
+    batch_size, channels, *remaining_dims = sample.shape
+    work = sample if dtype in (np.float32, np.float64) else sample.astype(np.float32)
+    work = work.reshape(batch_size, channels * int(np.prod(remaining_dims)))
+    s = _quantile_like_torch(np.abs(work), dynamic_thresholding_ratio)
+    s = np.minimum(np.maximum(s, 1), sample_max_value).astype(work.dtype)[:, None]
+    work = np.clip(work, -s, s) / s
+    return work.reshape(sample.shape).astype(dtype, copy=False)
