@@ -65,6 +65,11 @@ def upcast(x: np.ndarray) -> np.ndarray:
     return x if x.dtype == np.float64 else x.astype(np.float32)
 
 
+def continuous_timesteps(sigmas) -> np.ndarray:
+    """t = 0.25 log(sigma) (EDM's c_noise), float32; the log is rounded once, as torch's scalar log is."""
+    return (np.float32(0.25) * np.log(np.asarray(sigmas, dtype=np.float64)).astype(np.float32)).astype(np.float32)
+
+
 class EulerDiscreteScheduler(SigmaSchedulerMixin):
     """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma, optionally with churn."""
 
@@ -115,7 +120,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
 
         sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)[::-1].copy()
         if timestep_type == "continuous" and prediction_type == "v_prediction":
-            self.timesteps = (np.float32(0.25) * np.log(sigmas)).astype(np.float32)
+            self.timesteps = continuous_timesteps(sigmas)
         else:
             self.timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps)[::-1].astype(np.float32)
         self.sigmas = np.concatenate([sigmas, np.zeros(1, dtype=np.float32)])
@@ -175,7 +180,8 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
                 sigmas = interp_sigmas(timesteps, train_sigmas)
             else:
                 # log-linear: sigmas evenly spaced in log sigma between the training extremes
-                sigmas = np.exp(linspace_f32(np.log(train_sigmas[-1]), np.log(train_sigmas[0]), num_inference_steps + 1))
+                ramp = linspace_f32(np.log(train_sigmas[-1]), np.log(train_sigmas[0]), num_inference_steps + 1)
+                sigmas = np.exp(ramp.astype(np.float64)).astype(np.float32)
 
             bounds = sigma_range(sigmas, cfg.sigma_min, cfg.sigma_max)
             if cfg.use_karras_sigmas:
@@ -196,7 +202,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
 
         self.sigmas = sigmas.astype(np.float32)
         if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
-            self.timesteps = (np.float32(0.25) * np.log(self.sigmas[:-1])).astype(np.float32)
+            self.timesteps = continuous_timesteps(self.sigmas[:-1])
         else:
             self.timesteps = np.asarray(timesteps).astype(np.float32)
         self._step_index = None

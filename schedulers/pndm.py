@@ -84,6 +84,11 @@ class PNDMScheduler(SchedulerMixin):
             t = self._timesteps
             self.plms_timesteps = np.concatenate([t[:-1], t[-2:-1], t[-1:]])[::-1].copy()
         else:
+            if len(self._timesteps) < self.pndm_order:
+                raise ValueError(
+                    f"{type(self).__name__}: the Runge-Kutta warm-up needs num_inference_steps >= {self.pndm_order} "
+                    f"(got {num_inference_steps}); use more steps or skip_prk_steps=True"
+                )
             # Runge-Kutta on the last 4 (highest) timesteps, each visited at t, t - dt/2 (twice) and t - dt
             half_step = T // num_inference_steps // 2
             prk = np.array(self._timesteps[-self.pndm_order :]).repeat(2) + np.tile(

@@ -368,3 +368,93 @@ def threshold_sample(sample, dynamic_thresholding_ratio: float = 0.995, sample_m
     s = np.minimum(np.maximum(s, 1), sample_max_value).astype(work.dtype)[:, None]
     work = np.clip(work, -s, s) / s
     return work.reshape(sample.shape).astype(dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------- exponential-integrator solvers
+# Shared by DPM-Solver (multistep and singlestep), UniPC and DEIS.
+def solver_timesteps(
+    num_inference_steps: int,
+    num_train_timesteps: int,
+    timestep_spacing: str,
+    steps_offset: int = 0,
+    last_timestep: int | None = None,
+    owner: str = "scheduler",
+) -> np.ndarray:
+    """The int64 timesteps (descending) of the multistep solvers: n + 1 points, the last (t = 0) dropped.
+
+    linspace: round(linspace(0, last - 1, n + 1))[::-1][:-1];
+    leading:  (arange(n + 1) * (last // (n + 1)))[::-1][:-1] + steps_offset;
+    trailing: round(arange(last, 0, -T / n)) - 1.
+    ``last_timestep`` (default T) is where ``lambda_min_clipped`` cuts the schedule.
+    """
+    check_option(owner, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+    n, T = int(num_inference_steps), int(num_train_timesteps)
+    last = T if last_timestep is None else int(last_timestep)
+    if timestep_spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    if timestep_spacing == "leading":
+        step_ratio = last // (n + 1)
+        return (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].astype(np.int64) + steps_offset
+    step_ratio = T / n
+    return np.arange(last, 0, -step_ratio).round().astype(np.int64) - 1
+
+
+def flow_shift_sigmas(sigmas, shift: float) -> np.ndarray:
+    """Resolution shift of flow-matching sigmas: shift * s / (1 + (shift - 1) * s)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flow_sigmas(num_inference_steps: int, num_train_timesteps: int, shift: float) -> np.ndarray:
+    """Descending shifted flow-matching sigmas, float64: s = 1 - linspace(1, 1/T, n + 1), shifted, reversed, last dropped."""
+    sigmas = 1.0 - np.linspace(1, 1 / num_train_timesteps, num_inference_steps + 1)
+    return np.flip(flow_shift_sigmas(sigmas, shift))[:-1].copy()
+
+
+def time_shift(mu: float, sigma: float, t, shift_type: str = "exponential"):
+    """Dynamic (resolution-dependent) shifting of flow sigmas t.
+
+    exponential: e^mu / (e^mu + (1/t - 1)^sigma);  linear: mu / (mu + (1/t - 1)^sigma).
+    """
+    if shift_type == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+    return mu / (mu + (1 / t - 1) ** sigma)
+
+
+def stretch_shift_to_terminal(t, shift_terminal: float):
+    """Stretch flow sigmas so that the last one becomes ``shift_terminal``: 1 - (1 - t) / ((1 - t_last) / (1 - shift_terminal))."""
+    one_minus_z = 1 - t
+    scale_factor = one_minus_z[-1] / (1 - shift_terminal)
+    return 1 - one_minus_z / scale_factor
+
+
+def log_f32(x) -> np.float32:
+    """log of a float32 scalar, rounded once to float32 (torch's float32 log is within an ulp of this)."""
+    return np.float32(np.log(np.float64(x)))
+
+
+def exp_f32(x) -> np.float32:
+    """exp of a float32 scalar, rounded once to float32."""
+    return np.float32(np.exp(np.float64(x)))
+
+
+def expm1_f32(x) -> np.float32:
+    """exp(x) - 1 of a float32 scalar without cancellation, rounded once to float32."""
+    return np.float32(np.expm1(np.float64(x)))
+
+
+def sqrt_f32(x) -> np.float32:
+    """sqrt of a float32 scalar, correctly rounded to float32."""
+    return np.float32(np.sqrt(np.float64(x)))
+
+
+def linear_combination(*terms):
+    """sum_i c_i * x_i over (c_i, x_i) pairs, accumulated left to right in the arrays' dtype.
+
+    The one place where multistep solvers combine their history: each update is a table of
+    coefficients over (sample, model outputs or their differences, noise).
+    """
+    (c, x), *rest = terms
+    total = c * x
+    for c, x in rest:
+        total = total + c * x
+    return total

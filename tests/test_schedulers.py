@@ -1,0 +1,528 @@
+"""sdort's numpy schedulers against diffusers' torch schedulers, step by step.
+
+Both run the same loop with the same deterministic model function and the same noise draws
+(diffusers from a torch.Generator, sdort from an object replaying a torch.Generator seeded alike);
+timesteps must be equal, sigmas equal to float32 rounding, and every intermediate sample within
+1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+import sdort.schedulers as S  # noqa: E402
+from sdort.schedulers import schedule  # noqa: E402
+
+# diffusers 0.42 converts tensors with np.array(..., copy=False) paths that numpy 2 flags
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+SHAPE = (2, 4, 6, 6)
+STEPS = (1, 2, 10, 25, 50)
+SPACINGS = ("linspace", "leading", "trailing")
+RTOL = 1e-5
+
+
+class TorchDraws:
+    """An sdort generator (``randn(shape, dtype)``) replaying the draws of a seeded torch.Generator."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def randn(self, shape, dtype=np.float32):
+        return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32).numpy().astype(dtype)
+
+
+def model_fn(x: np.ndarray, t, out_channels: int | None = None) -> np.ndarray:
+    """A cheap deterministic nonlinear stand-in for the UNet."""
+    t = float(np.asarray(t).reshape(-1)[0])
+    out = 0.7 * np.tanh(x) + 0.3 * np.sin(1.3 * x + 0.01 * t) - 0.05 * x
+    if out_channels and out_channels > x.shape[1]:
+        out = np.concatenate([out, 0.5 + 0.4 * np.tanh(0.5 * x + 0.001 * t)], axis=1)  # "learned" variance
+    return out.astype(np.float32)
+
+
+def assert_close(ours, ref, what: str):
+    ref = ref.numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
+    ours = np.asarray(ours, dtype=np.float64)
+    finite = np.isfinite(ref)
+    # non-finite values (diffusers' fixed_large_log takes sqrt of a log) must be the same ones
+    np.testing.assert_array_equal(np.isfinite(ours), finite, err_msg=what)
+    np.testing.assert_array_equal(ours[~finite], ref[~finite], err_msg=what)
+    ours, ref = ours[finite], ref[finite]
+    if ref.size == 0:
+        return
+    scale = max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(ours - ref).max())
+    assert err <= RTOL * scale, f"{what}: max abs error {err:.3g} (scale {scale:.3g})"
+
+
+def _accepted(fn, kwargs):
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def run_pair(
+    name,
+    config=None,
+    steps=10,
+    begin=0,
+    set_begin=True,
+    set_kwargs=None,
+    step_kwargs=None,
+    seed=0,
+    out_channels=None,
+):
+    """Run diffusers' and sdort's ``name`` side by side and compare everything after every step."""
+    config = dict(config or {})
+    ref = getattr(diffusers, name)(**config)
+    ours = getattr(S, name)(**config)
+    set_kwargs = set_kwargs if set_kwargs is not None else {"num_inference_steps": steps}
+    ref.set_timesteps(**set_kwargs)
+    ours.set_timesteps(**set_kwargs)
+
+    ref_timesteps = ref.timesteps.numpy()
+    assert ours.timesteps.dtype == ref_timesteps.dtype
+    np.testing.assert_array_equal(ours.timesteps, ref_timesteps)
+    if hasattr(ref, "sigmas"):
+        ref_sigmas = ref.sigmas.numpy()
+        assert ours.sigmas.dtype == ref_sigmas.dtype == np.float32
+        np.testing.assert_allclose(ours.sigmas, ref_sigmas, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(ours.init_noise_sigma, float(ref.init_noise_sigma), rtol=1e-6)
+
+    rng = np.random.default_rng(seed)
+    start = rng.standard_normal(SHAPE).astype(np.float32)
+    x_ours = start * np.float32(ours.init_noise_sigma)
+    x_ref = torch.from_numpy(start) * ref.init_noise_sigma
+    if begin:
+        if set_begin:
+            ours.set_begin_index(begin)
+            if hasattr(ref, "set_begin_index"):
+                ref.set_begin_index(begin)
+        noise = rng.standard_normal(SHAPE).astype(np.float32)
+        t0_ours = np.repeat(ours.timesteps[begin : begin + 1], SHAPE[0])
+        t0_ref = ref.timesteps[begin : begin + 1].repeat(SHAPE[0])
+        x_ours = ours.add_noise(start, noise, t0_ours)
+        x_ref = ref.add_noise(torch.from_numpy(start), torch.from_numpy(noise), t0_ref)
+        assert x_ours.dtype == np.float32
+        assert_close(x_ours, x_ref, f"{name} add_noise")
+
+    step_kwargs = dict(step_kwargs or {})
+    gen_ref, gen_ours = torch.Generator().manual_seed(seed + 1), TorchDraws(seed + 1)
+    ref_kwargs = _accepted(ref.step, {**step_kwargs, "generator": gen_ref})
+    # sdort gets the same arguments whatever the class: extra ones must be accepted
+    our_kwargs = {"eta": 0.0, **step_kwargs, "generator": gen_ours}
+
+    for i, (t_ours, t_ref) in enumerate(zip(ours.timesteps[begin:], ref.timesteps[begin:])):
+        in_ours = ours.scale_model_input(x_ours, t_ours)
+        in_ref = ref.scale_model_input(x_ref, t_ref)
+        assert_close(in_ours, in_ref, f"{name} scale_model_input, step {i}")
+        out_ours = model_fn(in_ours, t_ours, out_channels)
+        out_ref = torch.from_numpy(model_fn(in_ref.numpy(), t_ref.numpy(), out_channels))
+        res_ours = ours.step(out_ours, t_ours, x_ours, **our_kwargs)
+        res_ref = ref.step(out_ref, t_ref, x_ref, **ref_kwargs)
+        x_ours, x_ref = res_ours.prev_sample, res_ref.prev_sample
+        assert isinstance(x_ours, np.ndarray) and x_ours.dtype == np.float32
+        assert_close(x_ours, x_ref, f"{name} step {i} (t={t_ours})")
+        if getattr(res_ref, "pred_original_sample", None) is not None:
+            assert_close(res_ours.pred_original_sample, res_ref.pred_original_sample, f"{name} x0 step {i}")
+        if hasattr(ref, "step_index"):
+            assert ours.step_index == ref.step_index
+    return ours, ref
+
+
+# ----------------------------------------------------------------------------------------- DDIM
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("prediction_type", ("epsilon", "v_prediction", "sample"))
+def test_ddim_grid(prediction_type, spacing, steps):
+    run_pair("DDIMScheduler", {"prediction_type": prediction_type, "timestep_spacing": spacing}, steps)
+
+
+@pytest.mark.parametrize(
+    "config, steps, step_kwargs",
+    [
+        ({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False,
+          "set_alpha_to_one": False, "steps_offset": 1}, 25, {}),
+        ({"beta_schedule": "squaredcos_cap_v2"}, 10, {}),
+        ({"thresholding": True, "prediction_type": "sample", "sample_max_value": 1.5}, 10, {}),
+        ({"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 3.0}, 25, {}),
+        ({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction",
+          "clip_sample": False}, 25, {}),
+        ({"clip_sample_range": 0.5}, 10, {"use_clipped_model_output": True}),
+        ({}, 10, {"eta": 1.0}),
+        ({"beta_schedule": "scaled_linear", "clip_sample": False}, 50, {"eta": 0.5, "use_clipped_model_output": True}),
+        ({"trained_betas": np.linspace(1e-4, 0.02, 1000).tolist()}, 10, {}),
+    ],
+)
+def test_ddim_options(config, steps, step_kwargs):
+    run_pair("DDIMScheduler", config, steps, step_kwargs=step_kwargs)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_ddim_part_way(spacing):
+    run_pair("DDIMScheduler", {"timestep_spacing": spacing, "steps_offset": 1}, 25, begin=10, step_kwargs={"eta": 0.3})
+
+
+# ----------------------------------------------------------------------------------------- PNDM
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("prediction_type", ("epsilon", "v_prediction"))
+@pytest.mark.parametrize("skip_prk_steps", (True, False))
+def test_pndm_grid(skip_prk_steps, prediction_type, spacing, steps):
+    config = {"skip_prk_steps": skip_prk_steps, "prediction_type": prediction_type, "timestep_spacing": spacing}
+    if not skip_prk_steps and steps < 4:
+        # the Runge-Kutta warm-up needs 4 steps: diffusers fails (broadcast error), sdort says why
+        with pytest.raises(ValueError):
+            diffusers.PNDMScheduler(**config).set_timesteps(steps)
+        with pytest.raises(ValueError, match="skip_prk_steps"):
+            S.PNDMScheduler(**config).set_timesteps(steps)
+        return
+    run_pair("PNDMScheduler", config, steps)
+
+
+@pytest.mark.parametrize("skip_prk_steps", (True, False))
+def test_pndm_sd_config_and_part_way(skip_prk_steps):
+    config = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "set_alpha_to_one": False,
+              "steps_offset": 1, "skip_prk_steps": skip_prk_steps}
+    run_pair("PNDMScheduler", config, 50)
+    run_pair("PNDMScheduler", config, 25, begin=7)
+
+
+def test_pndm_step_prk_and_plms_directly():
+    ref, ours = diffusers.PNDMScheduler(), S.PNDMScheduler()
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    np.testing.assert_array_equal(ours.prk_timesteps, ref.prk_timesteps)
+    np.testing.assert_array_equal(ours.plms_timesteps, ref.plms_timesteps)
+    x = np.random.default_rng(3).standard_normal(SHAPE).astype(np.float32)
+    x_ref = torch.from_numpy(x)
+    for t in ours.prk_timesteps:
+        x = ours.step_prk(model_fn(x, t), t, x).prev_sample
+        x_ref = ref.step_prk(torch.from_numpy(model_fn(x_ref.numpy(), t)), int(t), x_ref).prev_sample
+        assert_close(x, x_ref, "step_prk")
+    for t in ours.plms_timesteps:
+        x = ours.step_plms(model_fn(x, t), t, x, return_dict=False)[0]
+        x_ref = ref.step_plms(torch.from_numpy(model_fn(x_ref.numpy(), t)), int(t), x_ref, return_dict=False)[0]
+        assert_close(x, x_ref, "step_plms")
+    fresh = S.PNDMScheduler()
+    fresh.set_timesteps(10)
+    with pytest.raises(ValueError):
+        fresh.step_plms(x, 900, x)
+
+
+# ----------------------------------------------------------------------------------------- Euler
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("prediction_type", ("epsilon", "v_prediction", "sample"))
+def test_euler_grid(prediction_type, spacing, steps):
+    run_pair("EulerDiscreteScheduler", {"prediction_type": prediction_type, "timestep_spacing": spacing}, steps)
+
+
+SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
+
+@pytest.mark.parametrize("steps", (1, 2, 10, 25))
+@pytest.mark.parametrize("sigmas", ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"))
+def test_euler_sigma_schedules(sigmas, steps):
+    run_pair("EulerDiscreteScheduler", {**SD, sigmas: True}, steps)
+
+
+@pytest.mark.parametrize(
+    "config, steps",
+    [
+        ({**SD, "use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}, 10),
+        ({**SD, "use_exponential_sigmas": True, "final_sigmas_type": "sigma_min", "timestep_spacing": "trailing"}, 10),
+        ({**SD, "interpolation_type": "log_linear"}, 10),
+        ({**SD, "final_sigmas_type": "sigma_min", "timestep_spacing": "leading", "steps_offset": 1}, 25),
+        ({**SD, "timestep_type": "continuous", "prediction_type": "v_prediction"}, 10),
+        ({**SD, "timestep_type": "continuous", "prediction_type": "v_prediction", "use_karras_sigmas": True}, 25),
+        ({**SD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}, 25),
+        ({**SD, "rescale_betas_zero_snr": True}, 10),
+        ({"beta_schedule": "squaredcos_cap_v2"}, 25),
+    ],
+)
+def test_euler_options(config, steps):
+    run_pair("EulerDiscreteScheduler", config, steps)
+
+
+@pytest.mark.parametrize(
+    "step_kwargs",
+    [{"s_churn": 0.5}, {"s_churn": 80.0, "s_tmin": 0.5, "s_tmax": 5.0, "s_noise": 1.003}],
+)
+def test_euler_churn(step_kwargs):
+    run_pair("EulerDiscreteScheduler", SD, 25, step_kwargs=step_kwargs)
+
+
+def test_euler_custom_timesteps_and_sigmas():
+    run_pair("EulerDiscreteScheduler", SD, set_kwargs={"timesteps": [999, 800, 650.5, 400, 120, 3]})
+    sigmas = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.0]
+    run_pair("EulerDiscreteScheduler", SD, set_kwargs={"sigmas": sigmas})
+    ours = S.EulerDiscreteScheduler(**SD, use_karras_sigmas=True)
+    with pytest.raises(ValueError):
+        ours.set_timesteps(timesteps=[999, 500])
+    with pytest.raises(ValueError):
+        ours.set_timesteps(10, timesteps=[999, 500])
+
+
+@pytest.mark.parametrize("set_begin", (True, False))
+@pytest.mark.parametrize("config", ({**SD}, {**SD, "use_karras_sigmas": True, "timestep_spacing": "leading"}))
+def test_euler_part_way(config, set_begin):
+    # with set_begin_index (as pipelines do), or with the index found from the first timestep
+    run_pair("EulerDiscreteScheduler", config, 25, begin=9, set_begin=set_begin, step_kwargs={"s_churn": 1.0})
+
+
+def test_euler_refuses_integer_timestep_and_matches_get_velocity():
+    ours, ref = S.EulerDiscreteScheduler(**SD), diffusers.EulerDiscreteScheduler(**SD)
+    ours.set_timesteps(10)
+    ref.set_timesteps(10)
+    x = np.ones(SHAPE, np.float32)
+    with pytest.raises(ValueError):
+        ours.step(x, 3, x)
+    noise = np.full(SHAPE, 0.5, np.float32)
+    t = ours.timesteps[[2, 5]]
+    v_ours = ours.get_velocity(x, noise, t)
+    v_ref = ref.get_velocity(torch.from_numpy(x), torch.from_numpy(noise), ref.timesteps[[2, 5]])
+    assert_close(v_ours, v_ref, "get_velocity")
+
+
+# ----------------------------------------------------------------------------------------- Euler ancestral
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("prediction_type", ("epsilon", "v_prediction"))
+def test_euler_ancestral_grid(prediction_type, spacing, steps):
+    run_pair("EulerAncestralDiscreteScheduler", {"prediction_type": prediction_type, "timestep_spacing": spacing}, steps)
+
+
+@pytest.mark.parametrize("set_begin", (True, False))
+def test_euler_ancestral_options(set_begin):
+    run_pair("EulerAncestralDiscreteScheduler", {**SD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                                                 "prediction_type": "v_prediction"}, 25)
+    run_pair("EulerAncestralDiscreteScheduler", {**SD, "steps_offset": 1, "timestep_spacing": "leading"}, 30,
+             begin=12, set_begin=set_begin)
+
+
+# ----------------------------------------------------------------------------------------- DDPM
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("prediction_type", ("epsilon", "v_prediction", "sample"))
+def test_ddpm_grid(prediction_type, spacing, steps):
+    run_pair("DDPMScheduler", {"prediction_type": prediction_type, "timestep_spacing": spacing}, steps)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt:RuntimeWarning")  # fixed_large_log: sqrt(log)
+@pytest.mark.parametrize("variance_type", ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log",
+                                           "learned", "learned_range"))
+def test_ddpm_variance_types(variance_type):
+    learned = variance_type.startswith("learned")
+    run_pair("DDPMScheduler", {"variance_type": variance_type}, 10, out_channels=2 * SHAPE[1] if learned else None)
+
+
+@pytest.mark.parametrize(
+    "config, kwargs",
+    [
+        ({"thresholding": True, "prediction_type": "sample", "sample_max_value": 2.0}, {"steps": 25}),
+        ({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "clip_sample": False,
+          "prediction_type": "v_prediction"}, {"steps": 10}),
+        ({"beta_schedule": "sigmoid"}, {"steps": 10}),
+        ({**SD, "clip_sample": False}, {"set_kwargs": {"timesteps": [990, 700, 500, 260, 90, 10, 0]}}),
+        ({**SD, "clip_sample": False, "steps_offset": 1}, {"steps": 25, "begin": 10}),
+    ],
+)
+def test_ddpm_options(config, kwargs):
+    run_pair("DDPMScheduler", config, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------- configuration
+ALL = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
+SD15 = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+
+def _public(config):
+    return {k: v for k, v in dict(config).items() if k not in ("_use_default_values", "_diffusers_version")}
+
+
+def test_config_round_trip_across_classes(tmp_path):
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15))
+    ours = S.PNDMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    ref = diffusers.PNDMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    assert ours.config["_class_name"] == "PNDMScheduler"
+    assert _public(ours.config) == _public(ref.config)
+    assert ours.config.steps_offset == 1 and ours.config["_diffusers_version"] == "0.6.0"
+
+    euler = S.EulerDiscreteScheduler.from_config(ours.config)
+    euler_ref = diffusers.EulerDiscreteScheduler.from_config(ref.config)
+    assert _public(euler.config) == _public(euler_ref.config)
+    assert euler.config._class_name == "EulerDiscreteScheduler"
+    assert euler.config.skip_prk_steps is True  # kept for the next conversion
+    back = S.PNDMScheduler.from_config(euler.config)
+    assert _public(back.config) == {**_public(ours.config)}
+    for a, b in ((ours, ref), (euler, euler_ref)):
+        a.set_timesteps(20)
+        b.set_timesteps(20)
+        np.testing.assert_array_equal(a.timesteps, b.timesteps.numpy())
+
+    # every class accepts every other's config, like diffusers
+    for name in ALL:
+        for other in ALL:
+            s = getattr(S, other).from_config(getattr(S, name)().config)
+            r = getattr(diffusers, other).from_config(getattr(diffusers, name)().config)
+            assert _public(s.config) == {**_public(r.config), "_class_name": other}, (name, other)
+
+    # saved by sdort, read by diffusers (and back), unchanged
+    euler.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "EulerDiscreteScheduler" and "_use_default_values" not in saved
+    again_ref = diffusers.EulerDiscreteScheduler.from_pretrained(tmp_path / "saved")
+    assert _public(again_ref.config) == _public(euler.config)
+    again = S.EulerDiscreteScheduler.from_pretrained(tmp_path / "saved")
+    assert _public(again.config) == _public(euler.config)
+
+
+def test_config_is_frozen_with_attribute_access():
+    s = S.DDIMScheduler(num_train_timesteps=500)
+    assert s.config.num_train_timesteps == 500 == len(s)
+    with pytest.raises(TypeError):
+        s.config["num_train_timesteps"] = 3
+    with pytest.raises(TypeError):
+        s.config.num_train_timesteps = 3
+    assert not hasattr(s.config, "no_such_key")
+    s2 = S.DDIMScheduler.from_config(s.config, timestep_spacing="trailing")
+    assert s2.config.timestep_spacing == "trailing" and s2.config.num_train_timesteps == 500
+
+
+def test_unknown_key_warned_once_and_kept(caplog, tmp_path):
+    config = {**SD15, "my_custom_key": 3, "another": "x"}
+    with caplog.at_level(logging.WARNING, logger="sdort.schedulers"):
+        s = S.EulerDiscreteScheduler.from_config(config)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "my_custom_key" in warnings[0].getMessage() and "another" in warnings[0].getMessage()
+    assert "skip_prk_steps" not in warnings[0].getMessage()  # a compatible class's key: no warning
+    assert s.config.my_custom_key == 3
+    s.save_config(tmp_path)
+    assert json.loads((tmp_path / "scheduler_config.json").read_text())["my_custom_key"] == 3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sdort.schedulers"):
+        S.EulerDiscreteScheduler.from_config(SD15)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_from_pretrained_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
+        S.DDIMScheduler.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
+        S.DDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+
+
+@pytest.mark.parametrize(
+    "name, config, option",
+    [
+        ("DDIMScheduler", {"beta_schedule": "cubic"}, "beta_schedule"),
+        ("EulerDiscreteScheduler", {"beta_schedule": "sigmoid"}, "beta_schedule"),
+        ("EulerDiscreteScheduler", {"use_karras_sigmas": True, "use_exponential_sigmas": True}, "use_karras_sigmas"),
+        ("EulerDiscreteScheduler", {"interpolation_type": "cubic"}, "interpolation_type"),
+        ("EulerDiscreteScheduler", {"final_sigmas_type": "one"}, "final_sigmas_type"),
+        ("DDIMScheduler", {"timestep_spacing": "uniform"}, "timestep_spacing"),
+        ("PNDMScheduler", {"prediction_type": "sample"}, "prediction_type"),
+        ("EulerAncestralDiscreteScheduler", {"prediction_type": "sample"}, "prediction_type"),
+        ("DDPMScheduler", {"variance_type": "huge"}, "variance_type"),
+    ],
+)
+def test_unsupported_options_refused(name, config, option):
+    with pytest.raises(ValueError, match=option):
+        getattr(S, name)(**config)
+    with pytest.raises(ValueError, match=option):
+        getattr(S, name).from_config({**config, "_class_name": name})
+
+
+def test_get_scheduler_class_and_compatibles():
+    for name in ALL:
+        assert S.get_scheduler_class(name) is getattr(S, name)
+    assert S.get_scheduler_class(["diffusers", "PNDMScheduler"]) is S.PNDMScheduler
+    with pytest.raises(ValueError, match="EulerDiscreteScheduler"):
+        S.get_scheduler_class("NoSuchScheduler")
+    compatibles = S.DDIMScheduler().compatibles
+    assert set(compatibles) == {getattr(S, n) for n in ALL}
+    assert [e.name for e in S.KarrasDiffusionSchedulers] == [e.name for e in diffusers.schedulers.KarrasDiffusionSchedulers]
+
+
+def test_step_accepts_uniform_arguments_and_outputs():
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    for name in ALL:
+        s = getattr(S, name)()
+        s.set_timesteps(5)
+        s.set_begin_index(0)
+        t = s.timesteps[0]
+        model_input = s.scale_model_input(x * np.float32(s.init_noise_sigma), t)
+        out = s.step(x, t, model_input, eta=0.0, generator=np.random.default_rng(1), return_dict=True, foo=1)
+        assert out.prev_sample.shape == SHAPE and out[0] is out.prev_sample
+        assert s.step_index == 1, name
+        assert isinstance(s.step(x, s.timesteps[1], x, return_dict=False), tuple)
+        assert s.order == 1 and len(s) == 1000
+
+
+def test_float16_stays_float16():
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float16)
+    for name in ALL:
+        s = getattr(S, name)()
+        s.set_timesteps(4)
+        t = s.timesteps[0]
+        y = s.step(x, t, s.scale_model_input(x, t), generator=np.random.default_rng(0)).prev_sample
+        assert y.dtype == np.float16 and np.isfinite(y).all(), name
+
+
+# ----------------------------------------------------------------------------------------- schedule maths
+def test_schedule_helpers_match_references():
+    import scipy.stats
+
+    for q in (1e-9, 0.001, 0.02, 0.3, 0.5, 0.77, 0.999, 1 - 1e-9):
+        assert schedule.beta_ppf(q, 0.6, 0.6) == pytest.approx(scipy.stats.beta.ppf(q, 0.6, 0.6), rel=1e-12, abs=1e-15)
+    for start, end, n in ((0.0001, 0.02, 1000), (0.00085**0.5, 0.012**0.5, 1000), (-6, 6, 1000), (2.0, 3.0, 7)):
+        ours = schedule.linspace_f32(start, end, n)
+        ref = torch.linspace(start, end, n, dtype=torch.float32).numpy()
+        ulps = np.abs(ours.view(np.int32).astype(np.int64) - ref.view(np.int32).astype(np.int64))
+        assert ours.dtype == np.float32 and ulps.max() <= 1
+    betas = schedule.make_betas(1000, 0.00085, 0.012, "scaled_linear")
+    ref_betas = diffusers.DDIMScheduler(**SD).betas.numpy()
+    np.testing.assert_allclose(betas, ref_betas, rtol=1e-6)
+    rescaled = schedule.rescale_zero_terminal_snr(betas)
+    ref_rescaled = diffusers.schedulers.scheduling_ddim.rescale_zero_terminal_snr(torch.from_numpy(betas)).numpy()
+    # torch's float32 sqrt is not always correctly rounded: compare alphas = 1 - betas, not the small betas
+    np.testing.assert_allclose(1 - rescaled, 1 - ref_rescaled, rtol=1e-6)
+    x = np.random.default_rng(0).standard_normal((3, 4, 5, 5)).astype(np.float32) * 3
+    ref_scheduler = diffusers.DDPMScheduler(thresholding=True, sample_max_value=2.5)
+    np.testing.assert_allclose(
+        schedule.threshold_sample(x, 0.995, 2.5), ref_scheduler._threshold_sample(torch.from_numpy(x)).numpy(), rtol=1e-6
+    )
+
+
+def test_import_does_not_load_torch():
+    code = (
+        "import sys, sdort.schedulers as s; s.EulerDiscreteScheduler(use_beta_sigmas=True).set_timesteps(5); "
+        "bad = [m for m in ('torch', 'diffusers', 'transformers', 'scipy') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
