@@ -1,0 +1,867 @@
+"""Random numbers that match PyTorch's generators, drawn with numpy alone.
+
+diffusers users pin an image with a seed (``generator=torch.manual_seed(42)``); sdort reproduces
+the same noise without torch:
+
+``TorchGenerator``
+    PyTorch's CPU generator (``torch.Generator("cpu")``): the mt19937 engine, torch's seeding, its
+    byte-exact ``get_state()``/``set_state()`` format and the exact arithmetic of ``torch.randn`` and
+    ``torch.rand`` on CPU, for float32, float64, float16 and bfloat16.
+``PhiloxGenerator``
+    PyTorch's CUDA generator (``torch.Generator("cuda")``): Philox4x32-10 counters laid out as
+    torch's grid-stride kernel lays them out, and curand's Box-Muller transform.
+``as_generator``
+    Turns a pipeline's ``generator`` argument (int seed, generator, list of them) into generators.
+
+Both classes have the ``randn(shape, dtype=...)`` method that ``sdort.schedulers.noise.randn_tensor``
+looks for. dtypes are numpy dtypes (``np.float32``, ``np.float64``, ``np.float16``) or
+``ml_dtypes.bfloat16``; ml_dtypes is imported only when bfloat16 is asked for. This module never
+imports torch.
+
+How ``torch.randn`` works on CPU (ATen ``normal_kernel``, torch 2.x), and so how ``TorchGenerator``
+works:
+
+* Tensors of 16 elements or more take a block path. Uniforms are drawn from the engine
+  (float: the low 24 bits of one 32-bit output times 2**-24; double: the low 53 bits of two
+  outputs, the first one high, times 2**-53), then every block of 16 is turned into normals by
+  Box-Muller, lane ``j`` pairing with lane ``j + 8`` (``u1 = 1 - data[j]`` gives the radius,
+  ``u2 = data[j + 8]`` the angle; cosines go to lanes 0-7, sines to lanes 8-15). When the size is
+  not a multiple of 16, 16 more uniforms are drawn and the last 16 outputs are recomputed from
+  them.
+
+  - float32 uses torch's vectorised kernel (``NormalFill16<float>`` with ``log256_ps`` and
+    ``sincos256_ps`` from ``avx_mathfun.h``). Torch compiles its distribution kernels for the
+    DEFAULT and AVX2 capabilities only, so this kernel runs on every x86-64 CPU with AVX2,
+    AVX-512 ones included. GCC contracts the polynomial steps of that kernel into fused
+    multiply-adds; this module follows the exact instruction sequence of the shipped binary.
+    A float32 FMA ``fl32(a*b + c)`` is computed as ``float32(float64(a)*float64(b) + float64(c))``:
+    the product of two float32 numbers is exact in float64, so only the final sum is rounded
+    twice. That double rounding could in principle differ from a single rounding, so the whole
+    kernel was checked exhaustively against torch's own compiled kernel: every one of the 2**24
+    possible radius inputs and every one of the 2**24 angle inputs gives the same bits.
+  - float64 uses libm's ``log``, ``sin`` and ``cos`` in double precision. numpy's own
+    transcendental functions differ from libm in the last bit, so these are evaluated with
+    Python's ``math`` module, which calls the same libm as torch (glibc on Linux).
+  - float16 and bfloat16 draw 16 float uniforms per block (so the uniforms left over before the
+    tail block are not drawn, unlike float32), run the float32 kernel and round the result.
+
+* Smaller tensors take a serial path: every element is ``at::normal_distribution<double>``:
+  two 53-bit uniforms ``u1, u2``, ``r = sqrt(-2 log1p(-u2))``, ``theta = 2 pi u1``; the element is
+  ``r cos(theta)`` and ``r sin(theta)`` is cached in the generator for the next element, also
+  across calls (``manual_seed`` clears it; ``get_state`` stores it). The double is then cast to
+  the output dtype (through float32 for float16 and bfloat16, as c10's Half and BFloat16
+  constructors take a float).
+
+Platforms: bit-exactness is with torch on x86-64 with AVX2 and glibc. Where torch itself computes
+differently (CPUs without AVX2, aarch64, or ``ATEN_CPU_CAPABILITY=default``) torch's float32
+block path uses libm's scalar ``logf``/``cosf``/``sinf`` instead of the AVX2 polynomials; there
+the float32, float16 and bfloat16 values of tensors with 16 or more elements can differ from
+torch's by a few float32 ulps (about 2e-6 at most for values near 5), while the uniforms, the
+state and all other paths stay identical.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import secrets
+import threading
+
+import numpy as np
+
+__all__ = ["TorchGenerator", "PhiloxGenerator", "as_generator", "DEFAULT_SEED"]
+
+#: The seed of a freshly constructed ``torch.Generator()`` (c10's ``default_rng_seed_val``).
+DEFAULT_SEED = 67280421310721
+
+_U32 = np.uint32
+_U64 = np.uint64
+_F32 = np.float32
+_F64 = np.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes
+# ---------------------------------------------------------------------------------------------
+
+_DTYPE_NAMES = {
+    "float32": "float32", "float": "float32", "f4": "float32",
+    "float64": "float64", "double": "float64", "f8": "float64",
+    "float16": "float16", "half": "float16", "f2": "float16",
+    "bfloat16": "bfloat16",
+}
+
+
+def _bfloat16():
+    try:
+        import ml_dtypes
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("bfloat16 draws need the ml_dtypes package (pip install ml_dtypes)") from exc
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _resolve_dtype(dtype):
+    """Return (kind, numpy dtype) with kind one of float32, float64, float16, bfloat16."""
+    if dtype is None:
+        return "float32", np.dtype(_F32)
+    if isinstance(dtype, str):
+        name = dtype.lower().replace("torch.", "").replace("np.", "").replace("numpy.", "")
+        kind = _DTYPE_NAMES.get(name)
+        if kind is None:
+            raise TypeError(f"unsupported dtype {dtype!r}: use float32, float64, float16 or bfloat16")
+        return kind, (_bfloat16() if kind == "bfloat16" else np.dtype(kind))
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        name = getattr(dtype, "__name__", None) or str(dtype)
+        return _resolve_dtype(str(name))
+    if dt.name in ("float32", "float64", "float16", "bfloat16"):
+        return dt.name, dt
+    raise TypeError(f"unsupported dtype {dt}: use float32, float64, float16 or ml_dtypes.bfloat16")
+
+
+def _shape_of(shape):
+    if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)):
+        shape = tuple(shape[0])
+    shape = tuple(operator.index(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"negative dimension in shape {shape}")
+    return shape
+
+
+def _seed_to_uint64(seed) -> int:
+    """torch's ``manual_seed`` conversion: an int in [-2**63, 2**64); negatives wrap to uint64."""
+    if isinstance(seed, (bool, np.bool_)):
+        seed = int(seed)
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}") from None
+    if not -(1 << 63) <= seed < (1 << 64):
+        raise OverflowError(f"seed {seed} is outside [-2**63, 2**64), which torch rejects as well")
+    return seed & 0xFFFFFFFFFFFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------
+# mt19937, as in ATen/core/MT19937RNGEngine.h
+# ---------------------------------------------------------------------------------------------
+
+_MT_N = 624
+_MT_M = 397
+_MATRIX_A = _U32(0x9908B0DF)
+_UPPER = _U32(0x80000000)
+_LOWER = _U32(0x7FFFFFFF)
+
+
+def _mt_init(seed32: int) -> np.ndarray:
+    """Knuth's initialisation of the 624-word state from a 32-bit seed."""
+    key = [0] * _MT_N
+    x = seed32 & 0xFFFFFFFF
+    key[0] = x
+    for j in range(1, _MT_N):
+        x = (1812433253 * (x ^ (x >> 30)) + j) & 0xFFFFFFFF
+        key[j] = x
+    return np.array(key, dtype=_U32)
+
+
+def _mt_twist(key: np.ndarray) -> np.ndarray:
+    """One regeneration of the state, vectorised.
+
+    Word i becomes ``key[i + 397] ^ twist(key[i], key[i + 1])`` where indices past the end wrap to
+    words already regenerated; 227 = 624 - 397 words can be computed at once.
+    """
+    old = key
+    new = np.empty_like(old)
+    y = (old[:-1] & _UPPER) | (old[1:] & _LOWER)
+    t = (y >> _U32(1)) ^ ((old[1:] & _U32(1)) * _MATRIX_A)
+    k = _MT_N - _MT_M  # 227
+    new[:k] = old[_MT_M:] ^ t[:k]
+    new[k:2 * k] = new[:k] ^ t[k:2 * k]
+    new[2 * k:_MT_N - 1] = new[k:_MT_M - 1] ^ t[2 * k:]
+    y_last = (int(old[-1]) & 0x80000000) | (int(new[0]) & 0x7FFFFFFF)
+    new[-1] = int(new[_MT_M - 1]) ^ (y_last >> 1) ^ (0x9908B0DF if int(new[0]) & 1 else 0)
+    return new
+
+
+def _temper(y: np.ndarray) -> np.ndarray:
+    y = y ^ (y >> _U32(11))
+    y ^= (y << _U32(7)) & _U32(0x9D2C5680)
+    y ^= (y << _U32(15)) & _U32(0xEFC60000)
+    y ^= y >> _U32(18)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# float32 Box-Muller: torch's AVX2 kernel (NormalFill16<float> with avx_mathfun's log256_ps and
+# sincos256_ps), reproduced operation by operation as GCC compiled it in libtorch_cpu
+# ---------------------------------------------------------------------------------------------
+
+# log256_ps: cephes logf polynomial
+_LOG_P = [_F64(_F32(v)) for v in (
+    7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+    -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)]
+_LOG_Q1 = _F32(-2.12194440e-4)
+_LOG_Q2 = _F64(_F32(0.693359375))
+# sincos256_ps: cephes sinf/cosf
+_FOPI = _F32(1.27323954473516)  # 4 / pi
+_DP = [_F64(_F32(v)) for v in (-0.78515625, -2.4187564849853515625e-4, -3.77489497744594108e-8)]
+_SIN_P = [_F64(_F32(v)) for v in (-1.9515295891e-4, 8.3321608736e-3, -1.6666654611e-1)]
+_COS_P = [_F64(_F32(v)) for v in (2.443315711809948e-005, -1.388731625493765e-003, 4.166664568298827e-002)]
+_TWO_PI_F32 = _F32(2.0 * math.pi)
+
+_CHUNK_BLOCKS = 2048  # blocks of 16 per pass: keeps the working set of temporaries in L2
+
+
+def _round32(t64: np.ndarray, r32: np.ndarray) -> None:
+    """Round the float64 array ``t64`` to float32 in place (result also left in ``r32``)."""
+    np.copyto(r32, t64, casting="unsafe")
+    np.copyto(t64, r32)
+
+
+def _avx2_minus2log(u1: np.ndarray) -> np.ndarray:
+    """``-2 * log256_ps(u1)`` for float32 ``u1`` in (0, 1]; ``u1`` is used as scratch."""
+    bits = u1.view(np.int32)
+    # Mantissa reduction. cephes: m in [0.5, 1), e = exponent + 1; if m < sqrt(0.5) (the float
+    # 0x3f3504f3): x = 2m - 1, e -= 1, else x = m - 1. The integer form below picks the same m and
+    # e (adding 0x3f800000 - 0x3f3504f3 carries into the exponent exactly when m >= sqrt(0.5)),
+    # and every step is exact, as in the original.
+    bits += np.int32(0x3F800000 - 0x3F3504F3)
+    e = (bits >> 23).astype(_F32)
+    e -= _F32(127)
+    bits &= np.int32(0x007FFFFF)
+    bits += np.int32(0x3F3504F3)
+    x = u1  # now m, in [sqrt(0.5), sqrt(2))
+    x -= _F32(1)
+    z = x * x
+    x64 = x.astype(_F64)
+    y64 = x64 * _LOG_P[0]
+    y64 += _LOG_P[1]
+    y32 = np.empty_like(x)
+    _round32(y64, y32)
+    for p in _LOG_P[2:]:  # y = fma(y, x, p)
+        y64 *= x64
+        y64 += p
+        _round32(y64, y32)
+    y32 *= x  # y = y * x
+    np.copyto(y64, y32)  # y = fma(y, z, e * q1)
+    y64 *= z
+    y64 += e * _LOG_Q1
+    np.copyto(y32, y64, casting="unsafe")
+    z *= _F32(0.5)  # y = fnmadd(z, 0.5, y): z * 0.5 is exact
+    y32 -= z
+    x += y32
+    np.copyto(y64, e)  # fma(e, q2, x)
+    y64 *= _LOG_Q2
+    y64 += x
+    np.copyto(y32, y64, casting="unsafe")
+    y32 *= _F32(-2)
+    return y32
+
+
+def _avx2_sincos(u2: np.ndarray):
+    """``sincos256_ps(2pi * u2)`` for float32 ``u2`` in [0, 1): returns (sin, cos)."""
+    theta = u2 * _TWO_PI_F32  # >= 0: the sign handling of sincos256_ps is a no-op
+    j = (theta * _FOPI).astype(np.int32)  # cvttps2dq truncates
+    j += 1
+    swap_sin = j & 4
+    swap_sin <<= 29
+    poly_mask = (j & 2) == 0  # True: sin from the sine polynomial
+    j &= np.int32(~1)
+    yf = j.astype(_F64)
+    # x = fma(y, DP3, fma(y, DP2, fma(y, DP1, x))): extended-precision argument reduction
+    x64 = yf * _DP[0]
+    x64 += theta
+    x32 = np.empty_like(theta)
+    _round32(x64, x32)
+    t64 = yf * _DP[1]
+    x64 += t64
+    _round32(x64, x32)
+    np.multiply(yf, _DP[2], out=t64)
+    x64 += t64
+    _round32(x64, x32)
+    j -= 2  # sign of the cosine: ~(j - 2) & 4, in the sign bit
+    np.invert(j, out=j)
+    j &= 4
+    j <<= 29
+    z = x32 * x32
+    z64 = z.astype(_F64)
+    half_z = z * _F32(0.5)
+    # cosine polynomial: y = fma(fma(fma(c0, z, c1), z, c2) * z ... as compiled:
+    # y = z * fma(fma(c0, z, c1), z, c2); y = fma(z, y, -z/2); y = y + 1
+    c32 = np.empty_like(theta)
+    np.multiply(z64, _COS_P[0], out=t64)
+    t64 += _COS_P[1]
+    _round32(t64, c32)
+    t64 *= z64
+    t64 += _COS_P[2]
+    np.copyto(c32, t64, casting="unsafe")
+    c32 *= z
+    np.copyto(t64, c32)
+    t64 *= z64
+    t64 -= half_z
+    np.copyto(c32, t64, casting="unsafe")
+    c32 += _F32(1)
+    # sine polynomial: y2 = z * fma(fma(s0, z, s1), z, s2); y2 = fma(x, y2, x)
+    s32 = np.empty_like(theta)
+    np.multiply(z64, _SIN_P[0], out=t64)
+    t64 += _SIN_P[1]
+    _round32(t64, s32)
+    t64 *= z64
+    t64 += _SIN_P[2]
+    np.copyto(s32, t64, casting="unsafe")
+    s32 *= z
+    np.copyto(t64, s32)
+    t64 *= x64
+    t64 += x64
+    np.copyto(s32, t64, casting="unsafe")
+    # select the polynomials (swap where poly_mask is False), then apply the signs
+    si = s32.view(np.int32)
+    ci = c32.view(np.int32)
+    d = si ^ ci
+    d &= poly_mask.view(np.int8).astype(np.int32) - 1  # 0 where True, all ones where False
+    si ^= d
+    ci ^= d
+    s32 += _F32(0)  # the kernel adds the two masked halves: a -0 becomes +0
+    c32 += _F32(0)
+    si ^= swap_sin
+    ci ^= j
+    return s32, c32
+
+
+def _box_muller_f32_chunk(u: np.ndarray, out: np.ndarray) -> None:
+    u1 = _F32(1) - u[:, :8]
+    u2 = np.ascontiguousarray(u[:, 8:])
+    radius = np.sqrt(_avx2_minus2log(u1))
+    s, c = _avx2_sincos(u2)
+    # fma(n, std, mean) with std = 1, mean = 0 is n + 0
+    np.multiply(radius, c, out=out[:, :8])
+    np.multiply(radius, s, out=out[:, 8:])
+    out += _F32(0)
+
+
+def _box_muller_f32(u: np.ndarray) -> np.ndarray:
+    """Blocks of 16 float32 uniforms (shape (nb, 16)) to normals, as torch's AVX2 kernel."""
+    out = np.empty_like(u)
+    for i in range(0, u.shape[0], _CHUNK_BLOCKS):
+        _box_muller_f32_chunk(u[i:i + _CHUNK_BLOCKS], out[i:i + _CHUNK_BLOCKS])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 Box-Muller (NormalFill16<double>): libm's log and sincos, through Python's math module
+# ---------------------------------------------------------------------------------------------
+
+_TWO_PI = 2.0 * math.pi
+
+
+def _libm_map(func, values: np.ndarray) -> np.ndarray:
+    return np.fromiter(map(func, values.ravel().tolist()), dtype=_F64, count=values.size).reshape(values.shape)
+
+
+def _box_muller_f64(u: np.ndarray) -> np.ndarray:
+    radius = np.sqrt(-2.0 * _libm_map(math.log, 1.0 - u[:, :8]))
+    theta = _TWO_PI * u[:, 8:]
+    out = np.empty_like(u)
+    np.multiply(radius, _libm_map(math.cos, theta), out=out[:, :8])
+    np.multiply(radius, _libm_map(math.sin, theta), out=out[:, 8:])
+    out += 0.0
+    return out
+
+
+def _cast(values: np.ndarray, kind: str, dt: np.dtype) -> np.ndarray:
+    if kind in ("float16", "bfloat16") and values.dtype == _F64:
+        values = values.astype(_F32)  # c10::Half / c10::BFloat16 are constructed from float
+    return values.astype(dt, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchGenerator
+# ---------------------------------------------------------------------------------------------
+
+# torch's CPUGeneratorImplState (CPUGeneratorImpl.cpp), 5056 bytes on LP64 platforms
+_STATE_DTYPE = np.dtype({
+    "names": ["seed", "left", "seeded", "next", "state", "normal_x", "normal_y", "normal_rho",
+              "normal_is_valid", "next_float", "next_float_valid"],
+    "formats": ["<u8", "<i4", "<i4", "<u8", ("<u8", (_MT_N,)), "<f8", "<f8", "<f8", "<i4", "<f4", "u1"],
+    "offsets": [0, 8, 12, 16, 24, 5016, 5024, 5032, 5040, 5048, 5052],
+    "itemsize": 5056,
+})
+STATE_SIZE = _STATE_DTYPE.itemsize
+
+
+def _as_state_bytes(new_state, size: int) -> np.ndarray:
+    if isinstance(new_state, (bytes, bytearray, memoryview)):
+        arr = np.frombuffer(bytes(new_state), dtype=np.uint8)
+    else:
+        arr = np.asarray(new_state)  # numpy arrays, torch ByteTensors (via __array__), lists
+        if arr.dtype != np.uint8:
+            if arr.dtype.kind in "iu" and arr.size and (arr.min() < 0 or arr.max() > 255):
+                raise TypeError("RNG state must be a uint8 (byte) array")
+            if arr.dtype.kind not in "iu" and arr.size:
+                raise TypeError(f"RNG state must be a uint8 (byte) array, got {arr.dtype}")
+            arr = arr.astype(np.uint8)
+    arr = np.ascontiguousarray(arr).reshape(-1)
+    if arr.size != size:
+        raise ValueError(f"expected an RNG state of {size} bytes, got {arr.size}")
+    return arr
+
+
+class TorchGenerator:
+    """PyTorch's CPU random generator (``torch.Generator("cpu")``) in numpy.
+
+    ``TorchGenerator(seed)`` draws what ``torch.Generator().manual_seed(seed)`` draws:
+    ``randn`` and ``rand`` give the bits torch gives for float32, float64, float16 and bfloat16
+    (see the module docstring for the algorithms and the platforms), and the state advances as
+    torch's does across calls of any size and dtype. ``get_state()`` returns the bytes of torch's
+    ``get_state()`` and ``set_state()`` accepts them (also straight from torch).
+
+    ``seed=None`` gives torch's default seed (``torch.Generator()`` without ``manual_seed``);
+    call ``seed()`` for a non-deterministic one.
+    """
+
+    device = "cpu"
+
+    def __init__(self, seed=None):
+        self._lock = threading.RLock()
+        self._bitgen = None
+        self.manual_seed(DEFAULT_SEED if seed is None else seed)
+
+    # -- seeding and state -------------------------------------------------------------------
+    def manual_seed(self, seed) -> "TorchGenerator":
+        """Seed as ``torch.Generator.manual_seed``: 64-bit seeds keep their low 32 bits for the
+        engine, negative seeds wrap around 2**64; the cached normal is cleared. Returns self."""
+        seed = _seed_to_uint64(seed)
+        with self._lock:
+            self._seed = seed
+            self._key = _mt_init(seed & 0xFFFFFFFF)
+            self._left = 1
+            self._next = 0
+            self._next_double = None
+            self._next_float = None
+        return self
+
+    def seed(self) -> int:
+        """Re-seed from the operating system's entropy; returns the new seed (``Generator.seed``)."""
+        s = secrets.randbits(64)
+        self.manual_seed(s)
+        return s
+
+    def initial_seed(self) -> int:
+        return self._seed
+
+    def get_state(self) -> np.ndarray:
+        """The generator state as torch's ``get_state()`` bytes (a uint8 array of 5056 bytes)."""
+        with self._lock:
+            rec = np.zeros((), dtype=_STATE_DTYPE)
+            rec["seed"] = self._seed
+            rec["left"] = self._left
+            rec["seeded"] = 1
+            rec["next"] = self._next
+            rec["state"] = self._key.astype(_U64)
+            if self._next_double is not None:
+                rec["normal_is_valid"] = 1
+                rec["normal_y"] = self._next_double
+            if self._next_float is not None:
+                rec["next_float_valid"] = 1
+                rec["next_float"] = self._next_float
+            return np.frombuffer(rec.tobytes(), dtype=np.uint8).copy()
+
+    def set_state(self, new_state) -> "TorchGenerator":
+        """Restore a state from ``get_state()`` bytes (this class's or torch's). Returns self."""
+        arr = _as_state_bytes(new_state, STATE_SIZE)
+        rec = arr.view(_STATE_DTYPE)[0]
+        left, seeded, nxt = int(rec["left"]), int(rec["seeded"]), int(rec["next"]) & 0xFFFFFFFF
+        if not (seeded != 0 and 0 < left <= _MT_N and nxt <= _MT_N):
+            raise ValueError("Invalid mt19937 state")
+        with self._lock:
+            self._seed = int(rec["seed"])
+            self._key = rec["state"].astype(_U32)  # torch copies the uint64 words into uint32
+            self._left = left
+            self._next = nxt
+            self._next_double = float(rec["normal_y"]) if int(rec["normal_is_valid"]) else None
+            self._next_float = float(rec["next_float"]) if int(rec["next_float_valid"]) else None
+        return self
+
+    def clone(self) -> "TorchGenerator":
+        """An independent copy with the same state."""
+        return TorchGenerator().set_state(self.get_state())
+
+    def __repr__(self) -> str:
+        return f"TorchGenerator(initial_seed={self._seed})"
+
+    # -- the engine ------------------------------------------------------------------------
+    def _words(self, n: int) -> np.ndarray:
+        """The next ``n`` 32-bit outputs of the engine, as torch's ``random()`` would return them."""
+        out = np.empty(n, dtype=_U32)
+        k = min(n, self._left - 1)  # words left before torch regenerates the state
+        if k > 0:
+            if self._next + k > _MT_N:
+                raise RuntimeError("mt19937 state is inconsistent (next + left > 625); torch would read "
+                                   "past its state array here")
+            out[:k] = _temper(self._key[self._next:self._next + k])
+            self._next += k
+            self._left -= k
+        rest = n - k
+        if rest <= 0:
+            return out
+        if rest <= 2 * _MT_N:
+            pos = k
+            while rest > 0:
+                self._key = _mt_twist(self._key)
+                take = min(rest, _MT_N)
+                out[pos:pos + take] = _temper(self._key[:take])
+                pos += take
+                rest -= take
+                self._next = take
+                self._left = _MT_N + 1 - take
+            return out
+        # Long draws: numpy's MT19937 bit generator runs the same mt19937 recurrence and
+        # tempering in C. Its state is the 624 words and a read position; position 624 means
+        # "regenerate before the next read", which is where torch stands now.
+        if self._bitgen is None:
+            self._bitgen = np.random.MT19937()
+        bg = self._bitgen
+        bg.state = {"bit_generator": "MT19937", "state": {"key": self._key, "pos": _MT_N}}
+        out[k:] = bg.random_raw(rest)
+        st = bg.state["state"]
+        self._key = np.asarray(st["key"], dtype=_U32).copy()
+        self._next = int(st["pos"])
+        self._left = _MT_N + 1 - self._next
+        return out
+
+    def _uniform_f32(self, n: int) -> np.ndarray:
+        w = self._words(n)
+        w &= _U32(0xFFFFFF)
+        u = w.astype(_F32)
+        u *= _F32(2.0 ** -24)
+        return u
+
+    def _uniform_f64(self, n: int) -> np.ndarray:
+        w = self._words(2 * n).astype(_U64)
+        v = (w[0::2] & _U64(0x1FFFFF)) << _U64(32)
+        v |= w[1::2]
+        u = v.astype(_F64)
+        u *= 2.0 ** -53
+        return u
+
+    def _normal_serial(self, n: int) -> np.ndarray:
+        """``at::normal_distribution<double>`` element by element, with the cached second sample."""
+        vals = []
+        if n and self._next_double is not None:
+            vals.append(self._next_double)
+            self._next_double = None
+        pairs = (n - len(vals) + 1) // 2
+        if pairs:
+            w = self._words(4 * pairs).tolist()
+            for p in range(pairs):
+                a, b, c, d = w[4 * p:4 * p + 4]
+                u1 = (((a & 0x1FFFFF) << 32) | b) * 2.0 ** -53
+                u2 = (((c & 0x1FFFFF) << 32) | d) * 2.0 ** -53
+                r = math.sqrt(-2.0 * math.log1p(-u2))
+                theta = _TWO_PI * u1
+                vals.append(r * math.cos(theta))
+                sample = r * math.sin(theta)
+                if len(vals) < n:
+                    vals.append(sample)
+                else:
+                    self._next_double = sample
+        out = np.array(vals, dtype=_F64)
+        out += 0.0  # val * std + mean with std = 1, mean = 0
+        return out
+
+    # -- distributions ---------------------------------------------------------------------
+    def randn(self, *shape, dtype=np.float32) -> np.ndarray:
+        """``torch.randn(shape, generator=g, dtype=...)``: standard normal noise."""
+        shape = _shape_of(shape)
+        kind, dt = _resolve_dtype(dtype)
+        n = math.prod(shape)
+        with self._lock:
+            if n < 16:
+                return _cast(self._normal_serial(n), kind, dt).reshape(shape)
+            nb, tail = divmod(n, 16)
+            if kind == "float64":
+                u = self._uniform_f64(n + (16 if tail else 0))
+                out = np.empty(n, _F64)
+                out[:16 * nb] = _box_muller_f64(u[:16 * nb].reshape(nb, 16)).reshape(-1)
+                if tail:
+                    out[n - 16:] = _box_muller_f64(u[n:].reshape(1, 16)).reshape(-1)
+                return out.reshape(shape)
+            if kind == "float32":
+                u = self._uniform_f32(n + (16 if tail else 0))
+                body, extra = u[:16 * nb], u[n:]  # the leftover uniforms are drawn, then overwritten
+            else:  # float16 / bfloat16 draw 16 uniforms per block, then 16 for the tail
+                u = self._uniform_f32(16 * nb + (16 if tail else 0))
+                body, extra = u[:16 * nb], u[16 * nb:]
+            out = np.empty(n, _F32)
+            out[:16 * nb] = _box_muller_f32(body.reshape(nb, 16)).reshape(-1)
+            if tail:
+                out[n - 16:] = _box_muller_f32(extra.reshape(1, 16)).reshape(-1)
+            return _cast(out, kind, dt).reshape(shape)
+
+    def rand(self, *shape, dtype=np.float32) -> np.ndarray:
+        """``torch.rand(shape, generator=g, dtype=...)``: uniform on [0, 1)."""
+        shape = _shape_of(shape)
+        kind, dt = _resolve_dtype(dtype)
+        n = math.prod(shape)
+        with self._lock:
+            if kind == "float64":
+                return self._uniform_f64(n).reshape(shape)
+            u = self._uniform_f32(n)
+        if kind == "float32":
+            return u.reshape(shape)
+        out = u.astype(dt)
+        out[out == 1] = 0  # a value rounded up to the upper bound is clamped to the lower one
+        return out.reshape(shape)
+
+    def normal(self, *shape, dtype=np.float32) -> np.ndarray:
+        """Alias of ``randn``."""
+        return self.randn(*shape, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# PhiloxGenerator
+# ---------------------------------------------------------------------------------------------
+
+_PHILOX_M0 = _U64(0xD2511F53)
+_PHILOX_M1 = _U64(0xCD9E8D57)
+_PHILOX_W0 = 0x9E3779B9
+_PHILOX_W1 = 0xBB67AE85
+_SHIFT32 = _U64(32)
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 (Salmon et al., SC'11) on arrays: ``counter`` is four uint32 arrays (or ints),
+    ``key`` two ints. Returns the four output words as uint32 arrays."""
+    c0, c1, c2, c3 = (np.asarray(c, dtype=_U32) for c in counter)
+    c0, c1, c2, c3 = np.broadcast_arrays(c0, c1, c2, c3)
+    k0, k1 = int(key[0]) & 0xFFFFFFFF, int(key[1]) & 0xFFFFFFFF
+    for r in range(10):
+        if r:
+            k0 = (k0 + _PHILOX_W0) & 0xFFFFFFFF
+            k1 = (k1 + _PHILOX_W1) & 0xFFFFFFFF
+        p0 = c0.astype(_U64) * _PHILOX_M0
+        p1 = c2.astype(_U64) * _PHILOX_M1
+        c0, c1, c2, c3 = (
+            (p1 >> _SHIFT32).astype(_U32) ^ c1 ^ _U32(k0),
+            p1.astype(_U32),
+            (p0 >> _SHIFT32).astype(_U32) ^ c3 ^ _U32(k1),
+            p0.astype(_U32),
+        )
+    return c0, c1, c2, c3
+
+
+_BLOCK_THREADS = 256  # torch's block_size_bound
+_CURAND_2POW32_INV = _F32(2.3283064e-10)
+_CURAND_2POW32_INV_2PI = _F32(_F32(2.3283064e-10) * _F32(6.2831855))
+_CURAND_2POW53_INV = 1.1102230246251565e-16
+
+
+class PhiloxGenerator:
+    """PyTorch's CUDA random generator (``torch.Generator("cuda")``) in numpy.
+
+    ``torch.randn(shape, device="cuda", generator=g)`` runs a grid-stride kernel of 256-thread
+    blocks. Thread ``t`` calls ``curand_init(seed, subsequence=t, offset)``, so its Philox4x32-10
+    counter is ``(offset / 4 + k, t)`` (low and high 64 bits) in its ``k``-th loop iteration, and
+    ``curand_normal4`` turns the four words into four normals with curand's Box-Muller
+    (``sqrt(-2 log u) * (sin v, cos v)`` for each pair of words; float64 uses
+    ``curand_normal2_double``: two normals from four words, with ``sincospi``). The generator's
+    offset then grows by 4 per loop iteration (4 per call for all but huge tensors).
+
+    Layout limit: the grid has ``ceil(numel / 256)`` blocks, capped by the GPU at
+    ``multiProcessorCount * (maxThreadsPerMultiProcessor // 256)`` blocks. Below the cap (numel
+    up to ``multiProcessorCount * maxThreadsPerMultiProcessor``: 221184 on an A100, 125952 on an
+    RTX 3090, 196608 on an RTX 4090; a 1x4x128x128 latent is 65536) element ``i`` is the first
+    normal of thread ``i`` and this class matches torch for any size. For larger tensors pass the
+    GPU's cap as ``max_blocks`` (e.g. ``108 * 8`` for an A100) and the same grid-stride layout is
+    reproduced; with ``max_blocks=None`` the grid is never capped. Tensors of 2**31 elements or
+    more, which torch splits into several launches, are not reproduced.
+
+    Precision: Philox, the uniforms, the counter layout and the offsets are exact. The GPU
+    computes the angle with ``__sincosf`` (a hardware approximation with an absolute error of
+    about 2**-21.4) and ``logf`` within 1 ulp; here they are computed accurately and rounded to
+    float32, so float32 values agree with torch CUDA to about 1e-6 (the bound scales with the
+    value's radius: up to a few 1e-6 for the rare values beyond |x| > 4). float64 agrees to about
+    1e-15. ``rand`` involves no transcendental function and is exact.
+    """
+
+    device = "cuda"
+
+    def __init__(self, seed=None, max_blocks: int | None = None):
+        self._lock = threading.RLock()
+        if max_blocks is not None and int(max_blocks) < 1:
+            raise ValueError("max_blocks must be a positive number of thread blocks")
+        self.max_blocks = None if max_blocks is None else int(max_blocks)
+        self.manual_seed(DEFAULT_SEED if seed is None else seed)
+
+    def manual_seed(self, seed) -> "PhiloxGenerator":
+        """Seed as ``torch.cuda`` generators: the full 64-bit seed is the Philox key; the offset
+        restarts at 0. Returns self."""
+        seed = _seed_to_uint64(seed)
+        with self._lock:
+            self._seed = seed
+            self._offset = 0
+        return self
+
+    def seed(self) -> int:
+        s = secrets.randbits(64)
+        self.manual_seed(s)
+        return s
+
+    def initial_seed(self) -> int:
+        return self._seed
+
+    def get_offset(self) -> int:
+        return self._offset
+
+    def set_offset(self, offset: int) -> "PhiloxGenerator":
+        offset = operator.index(offset)
+        if offset < 0 or offset % 4:
+            raise ValueError("the Philox offset must be a non-negative multiple of 4")
+        self._offset = offset
+        return self
+
+    def get_state(self) -> np.ndarray:
+        """torch's CUDA ``get_state()`` bytes: the seed (uint64) then the offset (int64)."""
+        return np.frombuffer(np.array([self._seed, self._offset], dtype="<u8").tobytes(), dtype=np.uint8).copy()
+
+    def set_state(self, new_state) -> "PhiloxGenerator":
+        arr = _as_state_bytes(new_state, 16)
+        seed, offset = (int(v) for v in arr.view("<u8"))
+        if offset >= 1 << 63:
+            raise ValueError("negative Philox offset in state")
+        with self._lock:
+            self._seed = seed
+            self.set_offset(offset)
+        return self
+
+    def clone(self) -> "PhiloxGenerator":
+        return PhiloxGenerator(max_blocks=self.max_blocks).set_state(self.get_state())
+
+    def __repr__(self) -> str:
+        return f"PhiloxGenerator(initial_seed={self._seed}, offset={self._offset})"
+
+    # -- layout ------------------------------------------------------------------------------
+    def _launch(self, n: int, unroll: int):
+        """Counters for ``n`` outputs: returns (thread, iteration, lane) arrays and the base counter."""
+        grid = -(-n // _BLOCK_THREADS)
+        if self.max_blocks is not None:
+            grid = min(grid, self.max_blocks)
+        stride = _BLOCK_THREADS * grid
+        iters = (n - 1) // (stride * unroll) + 1
+        with self._lock:
+            base = self._offset
+            self._offset += iters * 4  # philox_cuda_state(counter_offset)
+        i = np.arange(n, dtype=np.int64)
+        q, thread = np.divmod(i, stride)
+        k, lane = np.divmod(q, unroll)
+        return thread, k, lane, base // 4
+
+    def _words4(self, n: int, unroll: int):
+        thread, k, lane, base = self._launch(n, unroll)
+        ctr = k.astype(_U64) + _U64(base)
+        t = thread.astype(_U64)
+        words = philox4x32_10(
+            (ctr.astype(_U32), (ctr >> _SHIFT32).astype(_U32), t.astype(_U32), (t >> _SHIFT32).astype(_U32)),
+            (self._seed & 0xFFFFFFFF, self._seed >> 32))
+        return words, lane
+
+    def randn(self, *shape, dtype=np.float32) -> np.ndarray:
+        """``torch.randn(shape, device="cuda", generator=g, dtype=...)``, computed on the CPU."""
+        shape = _shape_of(shape)
+        kind, dt = _resolve_dtype(dtype)
+        n = math.prod(shape)
+        if n == 0:
+            return np.empty(shape, dt)
+        if kind == "float64":
+            (x0, x1, x2, x3), lane = self._words4(n, 2)
+            zx = x0.astype(_U64) ^ (x1.astype(_U64) << _U64(21))
+            zy = x2.astype(_U64) ^ (x3.astype(_U64) << _U64(21))
+            u = zx.astype(_F64) * _CURAND_2POW53_INV + _CURAND_2POW53_INV / 2.0
+            v = zy.astype(_F64) * (_CURAND_2POW53_INV * 2.0) + _CURAND_2POW53_INV
+            s = np.sqrt(-2.0 * np.log(u))
+            v = np.where(v > 1.0, v - 2.0, v)  # sincospi(v): reduce to [-1, 1] exactly first
+            ang = np.pi * v
+            out = s * np.where(lane == 0, np.sin(ang), np.cos(ang))
+            return (out + 0.0).reshape(shape)
+        (x0, x1, x2, x3), lane = self._words4(n, 4)
+        first = lane < 2
+        a = np.where(first, x0, x2)
+        b = np.where(first, x1, x3)
+        u = (a.astype(_F32).astype(_F64) * _F64(_CURAND_2POW32_INV) + _F64(_CURAND_2POW32_INV) / 2).astype(_F32)
+        v = (b.astype(_F32).astype(_F64) * _F64(_CURAND_2POW32_INV_2PI)
+             + _F64(_CURAND_2POW32_INV_2PI) / 2).astype(_F32)
+        s = np.sqrt(_F32(-2) * np.log(u.astype(_F64)).astype(_F32))
+        v64 = v.astype(_F64)
+        trig = np.where(lane % 2 == 0, np.sin(v64), np.cos(v64)).astype(_F32)
+        out = trig * s + _F32(0)
+        return _cast(out, kind, dt).reshape(shape)
+
+    def rand(self, *shape, dtype=np.float32) -> np.ndarray:
+        """``torch.rand(shape, device="cuda", generator=g, dtype=...)``: curand_uniform4 with
+        torch's (0, 1] -> [0, 1) reversal of the upper bound."""
+        shape = _shape_of(shape)
+        kind, dt = _resolve_dtype(dtype)
+        n = math.prod(shape)
+        if n == 0:
+            return np.empty(shape, dt)
+        if kind == "float64":
+            (x0, x1, x2, x3), lane = self._words4(n, 2)
+            lo = np.where(lane == 0, x0, x2).astype(_U64)
+            hi = np.where(lane == 0, x1, x3).astype(_U64)
+            z = lo ^ (hi << _U64(21))
+            out = z.astype(_F64) * _CURAND_2POW53_INV + _CURAND_2POW53_INV / 2.0
+            out[out == 1.0] = 0.0
+            return out.reshape(shape)
+        (x0, x1, x2, x3), lane = self._words4(n, 4)
+        w = np.choose(lane, (x0, x1, x2, x3))
+        u = (w.astype(_F32).astype(_F64) * _F64(_CURAND_2POW32_INV) + _F64(_CURAND_2POW32_INV) / 2).astype(_F32)
+        out = u.astype(dt)
+        out[out == 1] = 0
+        return out.reshape(shape)
+
+    def normal(self, *shape, dtype=np.float32) -> np.ndarray:
+        return self.randn(*shape, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# as_generator
+# ---------------------------------------------------------------------------------------------
+
+def _from_torch_generator(gen):
+    """A torch.Generator (duck-typed, torch is not imported) -> the equivalent sdort generator.
+
+    The copy starts from the torch generator's current state; drawing from it does not advance
+    the torch generator.
+    """
+    device = str(getattr(gen, "device", "cpu"))
+    state = np.asarray(gen.get_state())
+    if device.startswith("cuda"):
+        return PhiloxGenerator().set_state(state)
+    if device.startswith("cpu"):
+        return TorchGenerator().set_state(state)
+    raise TypeError(f"cannot reproduce a generator on device {device!r}")
+
+
+def as_generator(generator):
+    """Normalise a pipeline's ``generator`` argument.
+
+    int seed -> ``TorchGenerator(seed)`` (the numbers of ``torch.Generator().manual_seed(seed)``);
+    list or tuple -> list of converted items; ``numpy.random.Generator``, ``TorchGenerator``,
+    ``PhiloxGenerator`` and None pass through unchanged; a ``torch.Generator`` (recognised without
+    importing torch) becomes a ``TorchGenerator``/``PhiloxGenerator`` with a copy of its state.
+    """
+    if generator is None:
+        return None
+    if isinstance(generator, (TorchGenerator, PhiloxGenerator, np.random.Generator)):
+        return generator
+    if isinstance(generator, (list, tuple)):
+        return [as_generator(g) for g in generator]
+    if isinstance(generator, (int, np.integer)) and not isinstance(generator, (bool, np.bool_)):
+        return TorchGenerator(int(generator))
+    if type(generator).__module__.startswith("torch") and hasattr(generator, "get_state") \
+            and hasattr(generator, "initial_seed"):
+        return _from_torch_generator(generator)
+    raise TypeError(
+        "generator must be an int seed, a TorchGenerator, a PhiloxGenerator, a numpy.random.Generator, "
+        f"None or a list of them; got {type(generator).__name__}"
+    )
