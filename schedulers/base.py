@@ -154,7 +154,6 @@ def register_to_config(init):
         self.register_to_config(**entries)
         init(self, *args, **public)
 
-    wrapper._sdort_registers_config = True
     return wrapper
 
 

@@ -413,6 +413,20 @@ def test_config_is_frozen_with_attribute_access():
     assert s2.config.timestep_spacing == "trailing" and s2.config.num_train_timesteps == 500
 
 
+def test_copy_pickle_and_unused_kwargs():
+    import copy
+    import pickle
+
+    s = S.EulerDiscreteScheduler(**SD, use_karras_sigmas=True)
+    s.set_timesteps(8)
+    for clone in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
+        assert clone.config == s.config
+        np.testing.assert_array_equal(clone.sigmas, s.sigmas)
+    scheduler, unused = S.DDIMScheduler.from_config({**SD15, "extra": 1}, return_unused_kwargs=True, foo=2)
+    assert isinstance(scheduler, S.DDIMScheduler)
+    assert unused["extra"] == 1 and unused["foo"] == 2 and unused["skip_prk_steps"] is True
+
+
 def test_unknown_key_warned_once_and_kept(caplog, tmp_path):
     config = {**SD15, "my_custom_key": 3, "another": "x"}
     with caplog.at_level(logging.WARNING, logger="sdort.schedulers"):
