@@ -94,8 +94,8 @@ def load_folder(folder: str | os.PathLike) -> Source:
         cls = getattr(library, entry[1])
         modules[name] = cls.from_pretrained(folder / name).float().eval()
     tokenizer_dir = folder / "tokenizer"
-    if not (tokenizer_dir / "vocab.json").is_file():
-        raise FileNotFoundError(f"{tokenizer_dir / 'vocab.json'}: not found")
+    if not (tokenizer_dir / "vocab.json").is_file() and not (tokenizer_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{tokenizer_dir}: no vocab.json or tokenizer.json")
     tokenizer_files = {p.name: p.read_bytes() for p in tokenizer_dir.iterdir() if p.is_file()}
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     if not scheduler_path.is_file():

@@ -9,6 +9,7 @@ UNet reads, and what happens after each step.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -61,6 +62,9 @@ def retrieve_timesteps(scheduler, num_inference_steps, timesteps=None, sigmas=No
     `retrieve_timesteps`); returns the number of steps."""
     if timesteps is not None and sigmas is not None:
         raise ValueError("timesteps and sigmas: pass at most one of them")
+    for name, value in (("timesteps", timesteps), ("sigmas", sigmas)):
+        if value is not None and name not in inspect.signature(scheduler.set_timesteps).parameters:
+            raise ValueError(f"{name}: {type(scheduler).__name__} does not take custom {name}")
     if timesteps is not None:
         scheduler.set_timesteps(timesteps=timesteps)
     elif sigmas is not None:
@@ -68,6 +72,21 @@ def retrieve_timesteps(scheduler, num_inference_steps, timesteps=None, sigmas=No
     else:
         scheduler.set_timesteps(num_inference_steps)
     return len(scheduler.timesteps)
+
+
+def legacy_scheduler_fixes(scheduler):
+    """Correct outdated scheduler configs as diffusers' Stable Diffusion pipelines do when built:
+    `steps_offset` must be 1 and `clip_sample` False (old SD 1.x checkpoints had other values)."""
+    config = scheduler.config
+    fixes = {}
+    if config.get("steps_offset", 1) != 1:
+        fixes["steps_offset"] = 1
+    if config.get("clip_sample") is True:
+        fixes["clip_sample"] = False
+    if not fixes:
+        return scheduler
+    logger.warning("sdort: scheduler config corrected as diffusers does: %s", fixes)
+    return type(scheduler).from_config({**config, **fixes})
 
 
 class DiffusionPipeline:
@@ -83,7 +102,7 @@ class DiffusionPipeline:
         self.unet = unet
         self.vae_decoder = vae_decoder
         self.vae_encoder = vae_encoder
-        self.scheduler = scheduler
+        self.scheduler = legacy_scheduler_fixes(scheduler)
         for name, part in extra_parts.items():
             setattr(self, name, part)
         self._component_names = ["text_encoder", "tokenizer", "unet", "vae_decoder", "vae_encoder", "scheduler",
@@ -188,6 +207,57 @@ class DiffusionPipeline:
                 f"generator: a list of {len(generator)} generators was given, but the effective batch size is {batch}"
             )
         return generator
+
+    def encode_image(self, image: np.ndarray, generator) -> np.ndarray:
+        """VAE latents of NCHW images in [-1, 1], sampled from the encoder's Gaussian with `generator`
+        and times `scaling_factor`; as diffusers' `retrieve_latents(vae.encode(image), generator)`.
+
+        With a list of generators, image i is encoded alone and sampled with generator i.
+        """
+        if self.vae_encoder is None:
+            raise ValueError(f"{type(self).__name__}: this task needs the 'vae_encoder' part, which the model lacks")
+        scaling = np.float32(self.vae_decoder.config.get("scaling_factor", 0.18215))
+        if isinstance(generator, list):
+            return np.concatenate([self.encode_image(image[i:i + 1], g) for i, g in enumerate(generator)])
+        params = self.vae_encoder(sample=image)
+        params = next(iter(params.values())).astype(np.float32)
+        if params.shape[1] != 2 * self.vae_decoder.config.get("latent_channels", 4):
+            return params * scaling  # an older export that samples inside the graph
+        # DiagonalGaussianDistribution: logvar clamped to [-30, 20], sample = mean + std * noise
+        mean, logvar = np.split(params, 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        noise = randn_tensor(mean.shape, generator=generator, dtype=self.unet.inputs["sample"].dtype)
+        return (mean + std * noise.astype(np.float32)) * scaling
+
+    @staticmethod
+    def strength_timesteps(scheduler, num_inference_steps: int, strength: float):
+        """Where a schedule starts for `strength` (diffusers' `get_timesteps`): the last
+        int(steps * strength) steps run; the scheduler's begin index is set accordingly."""
+        init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+        t_start = max(num_inference_steps - init_timestep, 0)
+        scheduler.set_begin_index(t_start * scheduler.order)
+        return scheduler.timesteps[t_start * scheduler.order:]
+
+    def noised_image_latents(self, image, batch: int, generator, timestep, scheduler, noise=None):
+        """Encode `image` and noise it to `timestep`, as diffusers' img2img `prepare_latents`:
+        images are repeated (tiled) to the batch, noise drawn after the encoder's sample."""
+        image = np.asarray(image, dtype=np.float32)
+        if image.shape[1] == self.vae_decoder.config.get("latent_channels", 4):
+            init = image  # already latents
+        else:
+            if isinstance(generator, list) and image.shape[0] < batch:
+                if batch % image.shape[0]:
+                    raise ValueError(f"image: cannot spread {image.shape[0]} images over a batch of {batch}")
+                image = np.concatenate([image] * (batch // image.shape[0]))
+            init = self.encode_image(image, generator)
+        if batch > init.shape[0]:
+            if batch % init.shape[0]:
+                raise ValueError(f"image: cannot spread {init.shape[0]} images over a batch of {batch}")
+            init = np.concatenate([init] * (batch // init.shape[0]))
+        if noise is None:
+            noise = randn_tensor(init.shape, generator=generator, dtype=self.unet.inputs["sample"].dtype)
+        noise = np.asarray(noise, dtype=np.float32)
+        return scheduler.add_noise(init, noise, np.repeat(timestep, batch)), init, noise
 
     # ---- the loop ------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ text embeddings, constant over all denoising steps) stays there between calls.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,9 @@ class OnnxModel:
             _warned_cpu_fallback = True
             logger.warning("sdort: CUDA is not available to ONNX Runtime; running on the CPU")
         self.device = "cuda" if "CUDAExecutionProvider" in active else "cpu"
+        # The part's config.json (diffusers/transformers config), where the export wrote one.
+        config_path = path.parent / "config.json"
+        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.inputs = {node.name: _spec(node) for node in self.session.get_inputs()}
         self.outputs = {node.name: _spec(node) for node in self.session.get_outputs()}
 

@@ -58,10 +58,11 @@ def build_model(folder: Path, v_prediction: bool = False):
 
     from sdort.export import export
 
-    pipe = StableDiffusionPipeline(**tiny_components(v_prediction))
-    pipe.set_progress_bar_config(disable=True)
     source = folder / "diffusers"
-    pipe.save_pretrained(source)
+    StableDiffusionPipeline(**tiny_components(v_prediction)).save_pretrained(source)
+    # The reference reads the same files as the export, as a diffusers user loading the folder would.
+    pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
     out = export(str(source), folder / "onnx", log=lambda *_: None)
     return pipe, out
 

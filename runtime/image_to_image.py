@@ -1,0 +1,68 @@
+"""Image-to-image: diffusers' `StableDiffusionImg2ImgPipeline` on ONNX Runtime.
+
+What it adds to the shared loop: the schedule starts part-way (`strength`), and the first latents
+are the encoded image noised to that point.
+"""
+
+from __future__ import annotations
+
+from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
+from .text_to_image import check_common_inputs
+
+
+def check_strength(strength: float) -> None:
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength must be in [0, 1]; got {strength}")
+
+
+class StableDiffusionImg2ImgPipeline(DiffusionPipeline):
+    """Image-to-image with diffusers' parameters, defaults and output."""
+
+    required_parts = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+    optional_parts = ()
+
+    def __call__(
+        self,
+        prompt=None,
+        image=None,
+        strength: float = 0.8,
+        num_inference_steps: int = 50,
+        timesteps=None,
+        sigmas=None,
+        guidance_scale: float = 7.5,
+        negative_prompt=None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+    ):
+        if image is None:
+            raise ValueError("image: an input image is required")
+        check_strength(strength)
+        batch = check_common_inputs(prompt, None, None, num_inference_steps, guidance_scale, num_images_per_prompt,
+                                    negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
+        total = batch * num_images_per_prompt
+        generator = self.check_generator(generator, total)
+        do_cfg = guidance_scale > 1
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        image = self.image_processor.preprocess(image)
+
+        scheduler = self.fresh_scheduler(self.scheduler)
+        num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
+        timesteps = self.strength_timesteps(scheduler, num_inference_steps, strength)
+        if len(timesteps) == 0:
+            raise ValueError(f"strength: {strength} with {num_inference_steps} steps leaves no step to run")
+        latents, _, _ = self.noised_image_latents(image, total, generator, timesteps[:1], scheduler)
+        latents = self.denoise(
+            latents, timesteps, scheduler, prompt_embeds, negative_prompt_embeds if do_cfg else None, guidance_scale,
+            generator=generator, eta=eta, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        images = self.decode(latents, output_type)
+        return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)
