@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-PRESETS = ("tiny", "sd15-arch", "sd21-arch")
+# Every presets/<name>.json is a preset: configs of the parts, built with random weights.
+PRESETS = tuple(sorted(p.name[:-5] for p in resources.files("sdort.export").joinpath("presets").iterdir()
+                       if p.name.endswith(".json")))
 
 # The files a Stable Diffusion repo needs for export; weights in safetensors first.
 _HUB_PATTERNS = [
