@@ -195,155 +195,201 @@ def _temper(y: np.ndarray) -> np.ndarray:
 # float32 Box-Muller: torch's AVX2 kernel (NormalFill16<float> with avx_mathfun's log256_ps and
 # sincos256_ps), reproduced operation by operation as GCC compiled it in libtorch_cpu
 # ---------------------------------------------------------------------------------------------
+#
+# Notation: fl32() rounds to float32, fma(a, b, c) = fl32(a * b + c) with one rounding. Every
+# fma below is evaluated as fl32(fl64(a * b + c)) with a*b exact in float64; see the module
+# docstring for why that double rounding never shows (exhaustive check). Arrays are processed in
+# chunks, with preallocated buffers, because numpy's cost here is memory traffic and allocation.
 
-# log256_ps: cephes logf polynomial
+# log256_ps: cephes logf polynomial, evaluated as fma(y, x, p_k) from p0 * x + p1
 _LOG_P = [_F64(_F32(v)) for v in (
     7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
     -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)]
 _LOG_Q1 = _F32(-2.12194440e-4)
 _LOG_Q2 = _F64(_F32(0.693359375))
-# sincos256_ps: cephes sinf/cosf
+_SQRTHF_BITS = 0x3F3504F3  # float32 sqrt(0.5), the cephes threshold
+# sincos256_ps: cephes sinf/cosf with Cody-Waite reduction by multiples of pi/4
 _FOPI = _F32(1.27323954473516)  # 4 / pi
-_DP = [_F64(_F32(v)) for v in (-0.78515625, -2.4187564849853515625e-4, -3.77489497744594108e-8)]
+# DP1 (8 significant bits) and DP2 (11 bits) are short enough that y*DP1 and y*DP2 (y <= 8) are
+# exact and so are the first two reduction steps: x + y*DP1 + y*DP2 needs no rounding at all.
+_DP12 = _F64(_F32(-0.78515625)) + _F64(_F32(-2.4187564849853515625e-4))  # exact in float64
+_DP3 = _F64(_F32(-3.77489497744594108e-8))
 _SIN_P = [_F64(_F32(v)) for v in (-1.9515295891e-4, 8.3321608736e-3, -1.6666654611e-1)]
 _COS_P = [_F64(_F32(v)) for v in (2.443315711809948e-005, -1.388731625493765e-003, 4.166664568298827e-002)]
-_TWO_PI_F32 = _F32(2.0 * math.pi)
+# theta = fl32(fl32(2 pi) * u2) with u2 = k * 2**-24 equals fl32(k * fl32(2 pi) * 2**-24): scaling
+# by a power of two commutes with rounding, so theta is one multiplication of the integer k.
+_THETA_SCALE = _F32(_F32(2.0 * math.pi) * _F32(2.0 ** -24))
 
-_CHUNK_BLOCKS = 2048  # blocks of 16 per pass: keeps the working set of temporaries in L2
+_CHUNK_BLOCKS = 2048  # blocks of 16 per pass (16384 pairs): buffers stay in L2
+_workspaces = threading.local()
+
+
+class _Workspace:
+    """Scratch buffers for one chunk, reused across calls (per thread)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.lanes = np.empty((2, n), np.int32)
+        self.f32 = [np.empty(n, _F32) for _ in range(5)]
+        self.f64 = [np.empty(n, _F64) for _ in range(3)]
+        self.i32 = [np.empty(n, np.int32) for _ in range(3)]
+
+
+def _workspace() -> _Workspace:
+    ws = getattr(_workspaces, "ws", None)
+    if ws is None:
+        ws = _workspaces.ws = _Workspace(_CHUNK_BLOCKS * 8)
+    return ws
 
 
 def _round32(t64: np.ndarray, r32: np.ndarray) -> None:
-    """Round the float64 array ``t64`` to float32 in place (result also left in ``r32``)."""
+    """Round the float64 values of ``t64`` to float32, into ``r32`` and back into ``t64``."""
     np.copyto(r32, t64, casting="unsafe")
     np.copyto(t64, r32)
 
 
-def _avx2_minus2log(u1: np.ndarray) -> np.ndarray:
-    """``-2 * log256_ps(u1)`` for float32 ``u1`` in (0, 1]; ``u1`` is used as scratch."""
-    bits = u1.view(np.int32)
-    # Mantissa reduction. cephes: m in [0.5, 1), e = exponent + 1; if m < sqrt(0.5) (the float
-    # 0x3f3504f3): x = 2m - 1, e -= 1, else x = m - 1. The integer form below picks the same m and
-    # e (adding 0x3f800000 - 0x3f3504f3 carries into the exponent exactly when m >= sqrt(0.5)),
-    # and every step is exact, as in the original.
-    bits += np.int32(0x3F800000 - 0x3F3504F3)
-    e = (bits >> 23).astype(_F32)
-    e -= _F32(127)
+def _box_muller_f32_chunk(w: np.ndarray, out: np.ndarray, ws: _Workspace) -> None:
+    """Engine words (nb, 16) -> float32 normals (nb, 16), for nb <= _CHUNK_BLOCKS."""
+    nb = w.shape[0]
+    n = nb * 8
+    # low 24 bits of each word, lanes 0-7 (radius) and 8-15 (angle) made contiguous
+    lanes = ws.lanes[:, :n]
+    np.bitwise_and(w.view(np.int32).reshape(nb, 2, 8).transpose(1, 0, 2), np.int32(0xFFFFFF),
+                   out=lanes.reshape(2, nb, 8))
+    k1, k2 = lanes[0], lanes[1]
+    a32, b32, c32, d32, radius = (b[:n] for b in ws.f32)
+    a64, b64, c64 = (b[:n] for b in ws.f64)
+    i1, i2, i3 = (b[:n] for b in ws.i32)
+
+    # ---- radius = sqrt(-2 * log256_ps(u1)), u1 = 1 - u = (2**24 - k) * 2**-24 exactly ----
+    x, z, y32, ez = a32, b32, c32, d32
+    x64, y64, t64 = a64, b64, c64
+    np.subtract(np.int32(1 << 24), k1, out=k1)
+    np.copyto(x, k1, casting="unsafe")  # exact integer; its bits are those of u1 plus 24 << 23
+    bits = x.view(np.int32)
+    # cephes: m = mantissa in [0.5, 1), e = exponent + 1; if m < sqrt(0.5): x = 2m - 1, e -= 1,
+    # else x = m - 1 (all exact). Adding 0x3f800000 - 0x3f3504f3 carries into the exponent
+    # exactly when m >= sqrt(0.5), which selects the same m and e with integer operations.
+    bits += np.int32(0x3F800000 - _SQRTHF_BITS - (24 << 23))
+    np.right_shift(bits, 23, out=i1)
     bits &= np.int32(0x007FFFFF)
-    bits += np.int32(0x3F3504F3)
-    x = u1  # now m, in [sqrt(0.5), sqrt(2))
+    bits += np.int32(_SQRTHF_BITS)
     x -= _F32(1)
-    z = x * x
-    x64 = x.astype(_F64)
-    y64 = x64 * _LOG_P[0]
+    np.multiply(x, x, out=z)  # z = x * x
+    np.copyto(x64, x)
+    np.multiply(x64, _LOG_P[0], out=y64)  # y = fma(p0, x, p1)
     y64 += _LOG_P[1]
-    y32 = np.empty_like(x)
     _round32(y64, y32)
-    for p in _LOG_P[2:]:  # y = fma(y, x, p)
+    for p in _LOG_P[2:-1]:  # y = fma(y, x, p)
         y64 *= x64
         y64 += p
         _round32(y64, y32)
+    y64 *= x64
+    y64 += _LOG_P[-1]
+    np.copyto(y32, y64, casting="unsafe")
     y32 *= x  # y = y * x
-    np.copyto(y64, y32)  # y = fma(y, z, e * q1)
-    y64 *= z
-    y64 += e * _LOG_Q1
+    i1 -= np.int32(127)
+    np.copyto(ez, i1, casting="unsafe")  # e
+    np.copyto(y64, y32)  # y = fma(y, z, fl32(e * q1))
+    np.copyto(t64, z)
+    y64 *= t64
+    np.multiply(ez, _LOG_Q1, out=y32)
+    np.copyto(t64, y32)
+    y64 += t64
     np.copyto(y32, y64, casting="unsafe")
-    z *= _F32(0.5)  # y = fnmadd(z, 0.5, y): z * 0.5 is exact
+    z *= _F32(0.5)  # y = fnmadd(z, 0.5, y) = fl32(y - z/2): z/2 is exact
     y32 -= z
-    x += y32
-    np.copyto(y64, e)  # fma(e, q2, x)
+    x += y32  # x = x + y
+    np.copyto(y64, ez)  # log = fma(e, q2, x)
     y64 *= _LOG_Q2
-    y64 += x
-    np.copyto(y32, y64, casting="unsafe")
-    y32 *= _F32(-2)
-    return y32
+    np.copyto(t64, x)
+    y64 += t64
+    np.copyto(radius, y64, casting="unsafe")
+    radius *= _F32(-2)
+    np.sqrt(radius, out=radius)
 
-
-def _avx2_sincos(u2: np.ndarray):
-    """``sincos256_ps(2pi * u2)`` for float32 ``u2`` in [0, 1): returns (sin, cos)."""
-    theta = u2 * _TWO_PI_F32  # >= 0: the sign handling of sincos256_ps is a no-op
-    j = (theta * _FOPI).astype(np.int32)  # cvttps2dq truncates
-    j += 1
-    swap_sin = j & 4
-    swap_sin <<= 29
-    poly_mask = (j & 2) == 0  # True: sin from the sine polynomial
-    j &= np.int32(~1)
-    yf = j.astype(_F64)
-    # x = fma(y, DP3, fma(y, DP2, fma(y, DP1, x))): extended-precision argument reduction
-    x64 = yf * _DP[0]
-    x64 += theta
-    x32 = np.empty_like(theta)
-    _round32(x64, x32)
-    t64 = yf * _DP[1]
-    x64 += t64
-    _round32(x64, x32)
-    np.multiply(yf, _DP[2], out=t64)
-    x64 += t64
-    _round32(x64, x32)
-    j -= 2  # sign of the cosine: ~(j - 2) & 4, in the sign bit
+    # ---- (sin, cos) = sincos256_ps(theta), theta = fl32(fl32(2 pi) * u2) in [0, 2 pi) ----
+    theta, zz, cpoly, xs = a32, b32, c32, d32
+    xs64, t64, z64 = a64, b64, c64
+    j, swap, sign_sin = i1, i2, i3
+    np.copyto(theta, k2, casting="unsafe")
+    theta *= _THETA_SCALE
+    np.multiply(theta, _FOPI, out=zz)
+    np.copyto(j, zz, casting="unsafe")  # truncation, as cvttps2dq; theta >= 0 so no sign work
+    j += np.int32(1)  # j + 1
+    np.right_shift(j, 1, out=swap)  # bit 1 of j + 1 set: the sine and cosine polynomials swap
+    swap &= np.int32(1)
+    np.negative(swap, out=swap)
+    np.bitwise_and(j, np.int32(4), out=sign_sin)  # sine sign: bit 2 of j + 1
+    sign_sin <<= 29
+    j &= np.int32(~1)  # y = (j + 1) & ~1
+    np.copyto(xs64, theta)
+    np.copyto(t64, j)
+    t64 *= _DP12
+    xs64 += t64  # theta + y*DP1 + y*DP2, exact
+    np.copyto(t64, j)
+    t64 *= _DP3
+    xs64 += t64  # fma(y, DP3, x)
+    _round32(xs64, xs)
+    j -= np.int32(2)  # cosine sign: ~(y - 2) & 4
     np.invert(j, out=j)
-    j &= 4
+    j &= np.int32(4)
     j <<= 29
-    z = x32 * x32
-    z64 = z.astype(_F64)
-    half_z = z * _F32(0.5)
-    # cosine polynomial: y = fma(fma(fma(c0, z, c1), z, c2) * z ... as compiled:
-    # y = z * fma(fma(c0, z, c1), z, c2); y = fma(z, y, -z/2); y = y + 1
-    c32 = np.empty_like(theta)
+    np.multiply(xs, xs, out=zz)  # z = x * x
+    np.copyto(z64, zz)
+    # cosine polynomial: c = fma(fma(c0, z, c1), z, c2); c = c * z; c = fma(z, c, -fl32(z/2)); c + 1
     np.multiply(z64, _COS_P[0], out=t64)
     t64 += _COS_P[1]
-    _round32(t64, c32)
+    _round32(t64, cpoly)
     t64 *= z64
     t64 += _COS_P[2]
-    np.copyto(c32, t64, casting="unsafe")
-    c32 *= z
-    np.copyto(t64, c32)
+    np.copyto(cpoly, t64, casting="unsafe")
+    cpoly *= zz
+    np.copyto(t64, cpoly)
     t64 *= z64
-    t64 -= half_z
-    np.copyto(c32, t64, casting="unsafe")
-    c32 += _F32(1)
-    # sine polynomial: y2 = z * fma(fma(s0, z, s1), z, s2); y2 = fma(x, y2, x)
-    s32 = np.empty_like(theta)
+    z64 *= 0.5  # z/2, exact
+    t64 -= z64
+    np.copyto(cpoly, t64, casting="unsafe")
+    cpoly += _F32(1)
+    # sine polynomial: s = fma(fma(s0, z, s1), z, s2); s = s * z; s = fma(x, s, x)
+    np.copyto(z64, zz)
+    spoly = theta  # theta is no longer needed
     np.multiply(z64, _SIN_P[0], out=t64)
     t64 += _SIN_P[1]
-    _round32(t64, s32)
+    _round32(t64, spoly)
     t64 *= z64
     t64 += _SIN_P[2]
-    np.copyto(s32, t64, casting="unsafe")
-    s32 *= z
-    np.copyto(t64, s32)
-    t64 *= x64
-    t64 += x64
-    np.copyto(s32, t64, casting="unsafe")
-    # select the polynomials (swap where poly_mask is False), then apply the signs
-    si = s32.view(np.int32)
-    ci = c32.view(np.int32)
-    d = si ^ ci
-    d &= poly_mask.view(np.int8).astype(np.int32) - 1  # 0 where True, all ones where False
+    np.copyto(spoly, t64, casting="unsafe")
+    spoly *= zz
+    np.copyto(t64, spoly)
+    t64 *= xs64
+    t64 += xs64
+    np.copyto(spoly, t64, casting="unsafe")
+    # select the polynomials, then the signs (bitwise, as the kernel does)
+    si = spoly.view(np.int32)
+    ci = cpoly.view(np.int32)
+    d = zz.view(np.int32)
+    np.bitwise_xor(si, ci, out=d)
+    d &= swap
     si ^= d
     ci ^= d
-    s32 += _F32(0)  # the kernel adds the two masked halves: a -0 becomes +0
-    c32 += _F32(0)
-    si ^= swap_sin
+    si ^= sign_sin
     ci ^= j
-    return s32, c32
 
-
-def _box_muller_f32_chunk(u: np.ndarray, out: np.ndarray) -> None:
-    u1 = _F32(1) - u[:, :8]
-    u2 = np.ascontiguousarray(u[:, 8:])
-    radius = np.sqrt(_avx2_minus2log(u1))
-    s, c = _avx2_sincos(u2)
-    # fma(n, std, mean) with std = 1, mean = 0 is n + 0
-    np.multiply(radius, c, out=out[:, :8])
-    np.multiply(radius, s, out=out[:, 8:])
+    # ---- outputs: fma(radius * cos, std, mean) with std = 1, mean = 0 is radius * cos + 0 ----
+    o = out.reshape(nb, 2, 8).transpose(1, 0, 2)
+    np.multiply(radius.reshape(nb, 8), cpoly.reshape(nb, 8), out=o[0])
+    np.multiply(radius.reshape(nb, 8), spoly.reshape(nb, 8), out=o[1])
     out += _F32(0)
 
 
-def _box_muller_f32(u: np.ndarray) -> np.ndarray:
-    """Blocks of 16 float32 uniforms (shape (nb, 16)) to normals, as torch's AVX2 kernel."""
-    out = np.empty_like(u)
-    for i in range(0, u.shape[0], _CHUNK_BLOCKS):
-        _box_muller_f32_chunk(u[i:i + _CHUNK_BLOCKS], out[i:i + _CHUNK_BLOCKS])
+def _box_muller_f32(w: np.ndarray) -> np.ndarray:
+    """Blocks of 16 engine words (shape (nb, 16), uint32) to float32 normals, as torch's AVX2
+    kernel turns the corresponding float uniforms into normals."""
+    out = np.empty(w.shape, _F32)
+    ws = _workspace()
+    for i in range(0, w.shape[0], _CHUNK_BLOCKS):
+        _box_muller_f32_chunk(w[i:i + _CHUNK_BLOCKS], out[i:i + _CHUNK_BLOCKS], ws)
     return out
 
 
@@ -586,12 +632,13 @@ class TorchGenerator:
                 if tail:
                     out[n - 16:] = _box_muller_f64(u[n:].reshape(1, 16)).reshape(-1)
                 return out.reshape(shape)
+            # float uniforms are the low 24 bits of a word times 2**-24; the kernel takes the words
             if kind == "float32":
-                u = self._uniform_f32(n + (16 if tail else 0))
-                body, extra = u[:16 * nb], u[n:]  # the leftover uniforms are drawn, then overwritten
+                w = self._words(n + (16 if tail else 0))
+                body, extra = w[:16 * nb], w[n:]  # the leftover uniforms are drawn, then overwritten
             else:  # float16 / bfloat16 draw 16 uniforms per block, then 16 for the tail
-                u = self._uniform_f32(16 * nb + (16 if tail else 0))
-                body, extra = u[:16 * nb], u[16 * nb:]
+                w = self._words(16 * nb + (16 if tail else 0))
+                body, extra = w[:16 * nb], w[16 * nb:]
             out = np.empty(n, _F32)
             out[:16 * nb] = _box_muller_f32(body.reshape(nb, 16)).reshape(-1)
             if tail:
