@@ -85,6 +85,10 @@ class _FrozenConfig(dict):
 
     __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = _immutable  # type: ignore[assignment]
 
+    def __reduce__(self):
+        # Copy and pickle through the constructor, not item assignment.
+        return type(self), (dict(self),)
+
 
 def _torch_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
     """Source index of every output index for torch's legacy `mode="nearest"` interpolation.
@@ -224,6 +228,10 @@ class VaeImageProcessor:
     def nchw_to_numpy(images: np.ndarray) -> np.ndarray:
         """NCHW to NHWC float32: diffusers' `pt_to_numpy` without torch."""
         return np.ascontiguousarray(images.transpose(0, 2, 3, 1)).astype(np.float32, copy=False)
+
+    # diffusers' names, for ported code (the "pt" side is a numpy NCHW array here).
+    numpy_to_pt = numpy_to_nchw
+    pt_to_numpy = nchw_to_numpy
 
     @staticmethod
     def normalize(images: np.ndarray) -> np.ndarray:
@@ -886,7 +894,9 @@ class _PilBackendProcessor:
         for image in images:
             dh, dw = target_h - image.shape[-2], target_w - image.shape[-1]
             if dh < 0 or dw < 0:
-                raise ValueError(f"Padding dimensions are negative: pad size ({target_h}, {target_w}), image {image.shape}")
+                raise ValueError(
+                    f"Padding dimensions are negative: pad size ({target_h}, {target_w}), image {image.shape}"
+                )
             padded.append(np.pad(image, ((0, 0), (0, dh), (0, dw))) if dh or dw else image)
         return padded
 
@@ -911,7 +921,8 @@ class _PilBackendProcessor:
         options = self._standardize(options)
         self._validate(options)
         input_data_format = _as_format(input_data_format)
-        chw = [self._to_chw(image, options.get("do_convert_rgb"), input_data_format) for image in self._flat_list(images)]
+        do_convert_rgb = options.get("do_convert_rgb")
+        chw = [self._to_chw(image, do_convert_rgb, input_data_format) for image in self._flat_list(images)]
         processed = self._process_batch(chw, options)
         if len({image.shape for image in processed}) > 1:
             raise ValueError(

@@ -13,7 +13,9 @@ scale factor with the targets.
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import warnings
 
 import numpy as np
@@ -86,7 +88,8 @@ def test_nearest_indices_match_torch_interpolate():
         row = torch.arange(in_size, dtype=torch.float32).reshape(1, 1, 1, in_size)
         for out_size in (1, 2, 3, 8, 48, 53, 64, 66, 67, 95, 96, 128, 134, 190, 260, 1025, 2046):
             ref = torch.nn.functional.interpolate(row, size=(1, out_size)).reshape(-1).numpy().astype(np.int64)
-            np.testing.assert_array_equal(_torch_nearest_indices(in_size, out_size), ref, err_msg=f"{in_size}->{out_size}")
+            got = _torch_nearest_indices(in_size, out_size)
+            np.testing.assert_array_equal(got, ref, err_msg=f"{in_size}->{out_size}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,8 +239,8 @@ def test_mask_processor_numpy():
     rng = np.random.default_rng(6)
     for width, height in SIZES:
         hw = rng.random((height, width)).astype(np.float32)
-        cases = [hw, hw[..., None].copy(), np.stack([hw, hw.T[:height, :width] if width <= height else hw[::-1]]),
-                 [hw, hw[::-1].copy()], hw[None, ..., None].copy()]
+        # HW, HW1, NHW, a list of HW, NHW1.
+        cases = [hw, hw[..., None].copy(), np.stack([hw, hw[::-1]]), [hw, hw[::-1].copy()], hw[None, ..., None].copy()]
         for mask in cases:
             for kwargs in [{}, {"height": 64, "width": 96}]:
                 got = ours.preprocess(mask, **kwargs)
@@ -293,6 +296,11 @@ def test_postprocess_keeps_the_text_to_image_api():
     assert processor.config.vae_scale_factor == 8
     with pytest.raises(TypeError):
         processor.config["vae_scale_factor"] = 4
+    clone = copy.deepcopy(processor)
+    assert clone.config == processor.config and pickle.loads(pickle.dumps(processor)).config == processor.config
+    mask_processor = VaeImageProcessor.from_config({"_class_name": "VaeImageProcessor", **MASK_CONFIG})
+    reference = {k: v for k, v in RefVae(**MASK_CONFIG).config.items() if not k.startswith("_")}
+    assert mask_processor.config == reference
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
