@@ -155,3 +155,33 @@ def test_session_names_the_part_and_input(sd1):
         unet(sample=np.zeros((1, 3, 8, 8)), timestep=np.zeros(1), encoder_hidden_states=np.zeros((1, 77, 32)))
     with pytest.raises(ValueError, match="missing input"):
         unet(sample=np.zeros((1, 4, 8, 8)))
+
+
+@pytest.mark.parametrize("scheduler, eta", [
+    ("DDIMScheduler", 1.0), ("EulerAncestralDiscreteScheduler", 0.0), ("DDPMScheduler", 0.0),
+])
+def test_seed_reproduces_diffusers_cpu_generator(sd1, scheduler, eta):
+    """No `latents`: the initial noise and the noise inside every step come from the seed.
+
+    sdort's int seed means TorchGenerator, which draws what torch.Generator().manual_seed(seed) draws."""
+    import diffusers
+    import torch
+
+    import sdort.schedulers
+    from sdort.runtime import StableDiffusionPipeline
+
+    reference, folder = sd1
+    reference = type(reference)(**reference.components)
+    reference.scheduler = getattr(diffusers, scheduler).from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    ours = StableDiffusionPipeline.from_pretrained(folder, provider="cpu")
+    ours.scheduler = getattr(sdort.schedulers, scheduler).from_config(ours.scheduler.config)
+    kwargs = dict(prompt="a snowy owl", num_inference_steps=5, eta=eta, output_type="np", num_images_per_prompt=2)
+    got = ours(generator=1234, **kwargs).images
+    expected = reference(generator=torch.Generator().manual_seed(1234), **kwargs).images
+    assert got.std() > 1e-3
+    assert np.abs(got - expected).max() <= TOLERANCE
+    # a list of seeds, one per image, as a list of torch generators
+    got = ours(generator=[7, 8], **kwargs).images
+    expected = reference(generator=[torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)], **kwargs).images
+    assert np.abs(got - expected).max() <= TOLERANCE
