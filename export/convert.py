@@ -54,7 +54,9 @@ def save(model: onnx.ModelProto, folder: Path) -> None:
     """Write model.onnx, with the weights in one model.onnx_data file when the graph is too big for protobuf."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
-    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+    # ByteSize() itself fails above protobuf's 2 GB limit: count the weights instead.
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weights > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx_data", size_threshold=1024)
     else:
