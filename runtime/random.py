@@ -138,7 +138,7 @@ def _seed_to_uint64(seed) -> int:
     except TypeError:
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}") from None
     if not -(1 << 63) <= seed < (1 << 64):
-        raise OverflowError(f"seed {seed} is outside [-2**63, 2**64), which torch rejects as well")
+        raise ValueError(f"seed {seed} is outside [-2**63, 2**64) (torch: 'Overflow when unpacking long long')")
     return seed & 0xFFFFFFFFFFFFFFFF
 
 
