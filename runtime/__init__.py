@@ -1,6 +1,7 @@
 """sdort.runtime: Stable Diffusion pipelines on numpy and ONNX Runtime alone (no torch)."""
 
-from .image_processor import VaeImageProcessor
+from .image_processor import CLIPImageProcessor, DPTImageProcessor, VaeImageProcessor
+from .image_to_image import StableDiffusionImg2ImgPipeline
 from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput
 from .random import PhiloxGenerator, TorchGenerator
 from .sessions import OnnxModel
@@ -8,10 +9,13 @@ from .text_to_image import StableDiffusionPipeline
 from .tokenizer import CLIPTokenizer
 
 __all__ = [
+    "CLIPImageProcessor",
     "CLIPTokenizer",
+    "DPTImageProcessor",
     "DiffusionPipeline",
     "OnnxModel",
     "PhiloxGenerator",
+    "StableDiffusionImg2ImgPipeline",
     "StableDiffusionPipeline",
     "StableDiffusionPipelineOutput",
     "TorchGenerator",
