@@ -90,13 +90,23 @@ class OnnxModel:
         if session_options is None:
             # A failing CUDA provider otherwise prints a wall of errors before falling back to the CPU.
             options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception:
+            if provider != "auto" or providers == ["CPUExecutionProvider"]:
+                raise
+            # Some onnxruntime-gpu builds raise instead of falling back when CUDA cannot start.
+            providers = ["CPUExecutionProvider"]
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            providers = ["CUDAExecutionProvider"]  # so that the fallback is reported below
         active = self.session.get_providers()
         if provider == "cuda" and "CUDAExecutionProvider" not in active:
             raise RuntimeError(f"{self.name}: ONNX Runtime could not create the CUDA provider")
-        if provider == "auto" and "CUDAExecutionProvider" not in active and not _warned_cpu_fallback:
+        if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in active and not _warned_cpu_fallback:
+            # onnxruntime-gpu is installed but CUDA could not be created (no GPU, driver, libraries).
+            # A CPU-only onnxruntime never tries, so it has nothing to warn about.
             _warned_cpu_fallback = True
-            logger.warning("sdort: CUDA is not available to ONNX Runtime; running on the CPU")
+            logger.warning("sdort: ONNX Runtime could not create the CUDA provider; running on the CPU")
         self.device = "cuda" if "CUDAExecutionProvider" in active else "cpu"
         # The part's config.json (diffusers/transformers config), where the export wrote one.
         config_path = path.parent / "config.json"
