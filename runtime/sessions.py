@@ -90,21 +90,20 @@ class OnnxModel:
         if session_options is None:
             # A failing CUDA provider otherwise prints a wall of errors before falling back to the CPU.
             options.log_severity_level = 3
+        cuda_tried = "CUDAExecutionProvider" in providers
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception:
-            if provider != "auto" or providers == ["CPUExecutionProvider"]:
+            if provider != "auto" or not cuda_tried:
                 raise
             # Some onnxruntime-gpu builds raise instead of falling back when CUDA cannot start.
-            providers = ["CPUExecutionProvider"]
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-            providers = ["CUDAExecutionProvider"]  # so that the fallback is reported below
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         active = self.session.get_providers()
         if provider == "cuda" and "CUDAExecutionProvider" not in active:
             raise RuntimeError(f"{self.name}: ONNX Runtime could not create the CUDA provider")
-        if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in active and not _warned_cpu_fallback:
-            # onnxruntime-gpu is installed but CUDA could not be created (no GPU, driver, libraries).
-            # A CPU-only onnxruntime never tries, so it has nothing to warn about.
+        if cuda_tried and "CUDAExecutionProvider" not in active and not _warned_cpu_fallback:
+            # onnxruntime-gpu is installed but CUDA could not start (no GPU, driver or libraries).
+            # A CPU-only onnxruntime never tries CUDA, so it has nothing to warn about.
             _warned_cpu_fallback = True
             logger.warning("sdort: ONNX Runtime could not create the CUDA provider; running on the CPU")
         self.device = "cuda" if "CUDAExecutionProvider" in active else "cpu"
