@@ -39,6 +39,12 @@ works:
     twice. That double rounding could in principle differ from a single rounding, so the whole
     kernel was checked exhaustively against torch's own compiled kernel: every one of the 2**24
     possible radius inputs and every one of the 2**24 angle inputs gives the same bits.
+  - Without AVX2 (older x86-64 CPUs, aarch64, ``ATEN_CPU_CAPABILITY=default``) torch runs the
+    same blocks through scalar code calling libm's ``logf`` and ``sincosf``; ``kernel="default"``
+    reproduces that with glibc's algorithms (checked exhaustively against glibc 2.36 and, through
+    torch, bit-exact; aarch64's glibc rounds the sincosf quadrant with an instruction instead,
+    which could only matter for exact ties). ``cpu_kernel()`` picks the kernel torch would pick here; the two kernels
+    differ in about 40% of values, by at most ~2.4e-6.
   - float64 uses libm's ``log``, ``sin`` and ``cos`` in double precision. numpy's own
     transcendental functions differ from libm in the last bit, so these are evaluated with
     Python's ``math`` module, which calls the same libm as torch (glibc on Linux).
@@ -52,24 +58,28 @@ works:
   the output dtype (through float32 for float16 and bfloat16, as c10's Half and BFloat16
   constructors take a float).
 
-Platforms: bit-exactness is with torch on x86-64 with AVX2 and glibc. Where torch itself computes
-differently (CPUs without AVX2, aarch64, or ``ATEN_CPU_CAPABILITY=default``) torch's float32
-block path uses libm's scalar ``logf``/``cosf``/``sinf`` instead of the AVX2 polynomials; there
-the float32, float16 and bfloat16 values of tensors with 16 or more elements can differ from
-torch's by a few float32 ulps (about 2e-6 at most for values near 5), while the uniforms, the
-state and all other paths stay identical.
+Platforms and limits: verified bit-exact against torch 2.13 (x86-64 Linux, glibc 2.36, GCC-built
+wheel) for everything above. The AVX2 kernel is reproduced down to the multiply-adds GCC fused in
+that build; a torch build whose compiler fused them differently would differ in the last bit of some
+values. With another libm (macOS, Windows) the float64 and small-tensor paths still match torch,
+because Python's ``math`` calls the same libm as torch, and the AVX2 kernel does not use libm; the
+"default" kernel there can differ from torch by an ulp of ``logf``/``sinf``/``cosf``. torch's POWER
+(VSX) kernel is not reproduced, nor are older torch releases whose float16/bfloat16 block path drew
+11-bit/8-bit uniforms and computed in reduced precision.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+import os
+import platform
 import secrets
 import threading
 
 import numpy as np
 
-__all__ = ["TorchGenerator", "PhiloxGenerator", "as_generator", "DEFAULT_SEED"]
+__all__ = ["TorchGenerator", "PhiloxGenerator", "as_generator", "cpu_kernel", "set_num_threads", "DEFAULT_SEED"]
 
 #: The seed of a freshly constructed ``torch.Generator()`` (c10's ``default_rng_seed_val``).
 DEFAULT_SEED = 67280421310721
@@ -78,6 +88,7 @@ _U32 = np.uint32
 _U64 = np.uint64
 _F32 = np.float32
 _F64 = np.float64
+_TWO_PI = 2.0 * math.pi
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,22 +394,192 @@ def _box_muller_f32_chunk(w: np.ndarray, out: np.ndarray, ws: _Workspace) -> Non
     out += _F32(0)
 
 
+def _chunks_serial(w: np.ndarray, out: np.ndarray, starts) -> None:
+    ws = _workspace()
+    for i in starts:
+        _box_muller_f32_chunk(w[i:i + _CHUNK_BLOCKS], out[i:i + _CHUNK_BLOCKS], ws)
+
+
+_pool = None
+_pool_lock = threading.Lock()
+_num_threads = None
+
+
+def set_num_threads(n: int | None) -> None:
+    """Threads used by large float32/float16/bfloat16 draws (None: up to 2, as the CPUs allow;
+    the environment variable SDORT_RANDOM_THREADS sets the same). Results never depend on it."""
+    global _num_threads
+    _num_threads = None if n is None else max(1, int(n))
+
+
+def _threads() -> int:
+    if _num_threads is not None:
+        return _num_threads
+    env = os.environ.get("SDORT_RANDOM_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return min(2, cpus)
+
+
 def _box_muller_f32(w: np.ndarray) -> np.ndarray:
     """Blocks of 16 engine words (shape (nb, 16), uint32) to float32 normals, as torch's AVX2
-    kernel turns the corresponding float uniforms into normals."""
+    kernel turns the corresponding float uniforms into normals. numpy releases the GIL inside
+    its loops, so large draws split their chunks between two threads."""
+    global _pool
     out = np.empty(w.shape, _F32)
-    ws = _workspace()
-    for i in range(0, w.shape[0], _CHUNK_BLOCKS):
-        _box_muller_f32_chunk(w[i:i + _CHUNK_BLOCKS], out[i:i + _CHUNK_BLOCKS], ws)
+    starts = list(range(0, w.shape[0], _CHUNK_BLOCKS))
+    if len(starts) < 2 or _threads() < 2:
+        _chunks_serial(w, out, starts)
+        return out
+    with _pool_lock:
+        if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdort-random")
+    half = len(starts) // 2
+    job = _pool.submit(_chunks_serial, w, out, starts[half:])
+    _chunks_serial(w, out, starts[:half])
+    job.result()
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# float32 Box-Muller without AVX2 (torch's DEFAULT capability: CPUs without AVX2, aarch64):
+# NormalFill16<float> in scalar code, calling libm's logf and sincosf. These are glibc's
+# (ARM optimized-routines) algorithms, in double precision with a float result.
+# ---------------------------------------------------------------------------------------------
+#
+# The double arithmetic below is written without fused multiply-adds, as in glibc's generic
+# build; glibc's FMA build differs from it in the last double bits only, and for every input this
+# path can see (u1 = k * 2**-24 and theta = fl32(2 pi k * 2**-24), 2**24 values each) both give the
+# same float results, as checked exhaustively against glibc 2.36's FMA build.
+
+_H = float.fromhex
+# logf: 16 subintervals of [0x3f330000, 2 * 0x3f330000) with 1/c and log(c), and log1p's polynomial
+_LOGF_INVC = np.array([_H(v) for v in (
+    "0x1.661ec79f8f3bep+0", "0x1.571ed4aaf883dp+0", "0x1.49539f0f010bp+0", "0x1.3c995b0b80385p+0",
+    "0x1.30d190c8864a5p+0", "0x1.25e227b0b8eap+0", "0x1.1bb4a4a1a343fp+0", "0x1.12358f08ae5bap+0",
+    "0x1.0953f419900a7p+0", "0x1p+0", "0x1.e608cfd9a47acp-1", "0x1.ca4b31f026aap-1",
+    "0x1.b2036576afce6p-1", "0x1.9c2d163a1aa2dp-1", "0x1.886e6037841edp-1", "0x1.767dcf5534862p-1")])
+_LOGF_LOGC = np.array([_H(v) for v in (
+    "-0x1.57bf7808caadep-2", "-0x1.2bef0a7c06ddbp-2", "-0x1.01eae7f513a67p-2", "-0x1.b31d8a68224e9p-3",
+    "-0x1.6574f0ac07758p-3", "-0x1.1aa2bc79c81p-3", "-0x1.a4e76ce8c0e5ep-4", "-0x1.1973c5a611cccp-4",
+    "-0x1.252f438e10c1ep-5", "0x0p+0", "0x1.aa5aa5df25984p-5", "0x1.c5e53aa362eb4p-4",
+    "0x1.526e57720db08p-3", "0x1.bc2860d22477p-3", "0x1.1058bc8a07ee1p-2", "0x1.4043057b6ee09p-2")])
+_LOGF_LN2 = _H("0x1.62e42fefa39efp-1")
+_LOGF_A0, _LOGF_A1, _LOGF_A2 = (_H(v) for v in ("-0x1.00ea348b88334p-2", "0x1.5575b0be00b6ap-2",
+                                                 "-0x1.ffffef20a4123p-2"))
+# sincosf: pi/2 reduction (2/pi pre-scaled by 2**24), cosine and sine polynomials
+_SINCOSF_HPI_INV = _H("0x1.45F306DC9C883p+23")
+_SINCOSF_HPI = _H("0x1.921FB54442D18p0")
+_SINCOSF_C = [1.0] + [_H(v) for v in ("-0x1.ffffffd0c621cp-2", "0x1.55553e1068f19p-5",
+                                      "-0x1.6c087e89a359dp-10", "0x1.99343027bf8c3p-16")]
+_SINCOSF_S = [_H(v) for v in ("-0x1.555545995a603p-3", "0x1.1107605230bc4p-7", "-0x1.994eb3774cf24p-13")]
+_ABSTOP12_PIO4 = int(np.float32(_H("0x1.921FB54442D18p-1")).view(np.uint32)) >> 20  # below: no reduction
+_ABSTOP12_TINY = int(np.float32(2.0 ** -12).view(np.uint32)) >> 20  # below: sin x = x, cos x = 1
+
+
+def _libm_logf(x: np.ndarray) -> np.ndarray:
+    """glibc's logf for positive normal float32 ``x``."""
+    ix = x.view(np.uint32)
+    tmp = ix - np.uint32(0x3F330000)  # wraps like the uint32 arithmetic of the C code
+    i = (tmp >> np.uint32(19)) & np.uint32(15)
+    k = (tmp.view(np.int32) >> 23).astype(_F64)
+    z = (ix - (tmp & np.uint32(0xFF800000))).view(_F32).astype(_F64)  # x = 2**k z, z in [0x3f330000, ...)
+    r = z * np.take(_LOGF_INVC, i) - 1.0
+    y0 = np.take(_LOGF_LOGC, i) + k * _LOGF_LN2
+    r2 = r * r
+    y = _LOGF_A1 * r + _LOGF_A2
+    y = _LOGF_A0 * r2 + y
+    y = y * r2 + (y0 + r)
+    return y.astype(_F32)
+
+
+def _libm_sincosf(theta: np.ndarray):
+    """glibc's sincosf for float32 ``theta`` in [0, 120)."""
+    top = theta.view(np.uint32) >> np.uint32(20)
+    x = theta.astype(_F64)
+    reduce = top >= _ABSTOP12_PIO4
+    n = ((x * _SINCOSF_HPI_INV).astype(np.int32) + 0x800000) >> 24  # nearest multiple of pi/2
+    n *= reduce
+    x -= n * _SINCOSF_HPI
+    q = n & 3
+    sign = 1.0 - 2.0 * ((q == 1) | (q == 2))  # sign of the sine in each quadrant
+    cneg = 1.0 - 2.0 * (n & 2).astype(bool)  # quadrants 2 and 3 use the negated cosine polynomial
+    xs = x * sign
+    x2 = x * x
+    x4 = x2 * x2
+    x3 = x2 * xs
+    c2 = cneg * _SINCOSF_C[3] + x2 * (cneg * _SINCOSF_C[4])
+    s1 = _SINCOSF_S[1] + x2 * _SINCOSF_S[2]
+    c1 = cneg * _SINCOSF_C[0] + x2 * (cneg * _SINCOSF_C[1])
+    x5 = x3 * x2
+    x6 = x4 * x2
+    s = xs + x3 * _SINCOSF_S[0]
+    c = c1 + x4 * (cneg * _SINCOSF_C[2])
+    sin_ = (s + x5 * s1).astype(_F32)
+    cos_ = (c + x6 * c2).astype(_F32)
+    odd = (n & 1).astype(bool)  # odd quadrants swap the two results
+    sin_out = np.where(odd, cos_, sin_)
+    cos_out = np.where(odd, sin_, cos_)
+    tiny = top < _ABSTOP12_TINY
+    if tiny.any():
+        sin_out[tiny] = theta[tiny]
+        cos_out[tiny] = 1.0
+    return sin_out, cos_out
+
+
+def _box_muller_f32_libm(w: np.ndarray) -> np.ndarray:
+    """Blocks of 16 engine words (nb, 16) to float32 normals, as torch's scalar (DEFAULT) kernel:
+    ``radius = sqrtf(-2 * logf(1 - u1))``, ``theta = (float)(2 pi * (double)u2)``,
+    ``fmaf(radius * cosf(theta), 1, 0)`` (sine for lanes 8-15)."""
+    out = np.empty(w.shape, _F32)
+    for i in range(0, w.shape[0], _CHUNK_BLOCKS):
+        c = w[i:i + _CHUNK_BLOCKS]
+        u = (c & _U32(0xFFFFFF)).astype(_F32)
+        u *= _F32(2.0 ** -24)
+        radius = np.sqrt(_libm_logf(_F32(1) - u[:, :8]) * _F32(-2))
+        theta = (u[:, 8:].astype(_F64) * _TWO_PI).astype(_F32)
+        s, co = _libm_sincosf(theta)
+        o = out[i:i + _CHUNK_BLOCKS]
+        np.multiply(radius, co, out=o[:, :8])
+        np.multiply(radius, s, out=o[:, 8:])
+        o += _F32(0)
+    return out
+
+
+def _cpu_features() -> dict:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as feats
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as feats
+        except ImportError:
+            feats = {}
+    return dict(feats)
+
+
+def cpu_kernel() -> str:
+    """The float32 kernel torch would use here: "avx2" on x86-64 CPUs with AVX2 and FMA (torch's
+    AVX2 and AVX512 capabilities share it), "default" otherwise. ``ATEN_CPU_CAPABILITY=default``
+    selects "default", as it does in torch."""
+    cap = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if cap == "default":
+        return "default"
+    if platform.machine().lower() not in ("x86_64", "amd64", "x64"):
+        return "default"
+    feats = _cpu_features()
+    if feats and not (feats.get("AVX2") and feats.get("FMA3")):
+        return "default"
+    return "avx2"
 
 
 # ---------------------------------------------------------------------------------------------
 # float64 Box-Muller (NormalFill16<double>): libm's log and sincos, through Python's math module
 # ---------------------------------------------------------------------------------------------
-
-_TWO_PI = 2.0 * math.pi
-
 
 def _libm_map(func, values: np.ndarray) -> np.ndarray:
     return np.fromiter(map(func, values.ravel().tolist()), dtype=_F64, count=values.size).reshape(values.shape)
@@ -463,13 +644,28 @@ class TorchGenerator:
 
     ``seed=None`` gives torch's default seed (``torch.Generator()`` without ``manual_seed``);
     call ``seed()`` for a non-deterministic one.
+
+    ``kernel`` picks the float32 Box-Muller arithmetic of tensors with 16 or more elements (also
+    used for float16 and bfloat16): "avx2" is torch's vectorised kernel, used by torch on every
+    x86-64 CPU with AVX2; "default" is torch's scalar kernel with libm's ``logf``/``sincosf``
+    (glibc's algorithms), used by torch without AVX2 (older x86, aarch64) or under
+    ``ATEN_CPU_CAPABILITY=default``. None or "auto" picks what torch would pick on this machine
+    (see ``cpu_kernel()``). Both are bit-exact with torch where torch runs that kernel with glibc;
+    with another libm (macOS, Windows) "default" can differ from torch by an ulp of ``logf``,
+    ``sinf`` or ``cosf``. The two kernels differ from each other in about 40% of the values, by at
+    most about 2.4e-6.
     """
 
     device = "cpu"
 
-    def __init__(self, seed=None):
+    def __init__(self, seed=None, *, kernel: str | None = None):
         self._lock = threading.RLock()
         self._bitgen = None
+        if kernel in (None, "auto"):
+            kernel = cpu_kernel()
+        if kernel not in ("avx2", "default"):
+            raise ValueError(f"kernel must be 'auto', 'avx2' or 'default', not {kernel!r}")
+        self.kernel = kernel
         self.manual_seed(DEFAULT_SEED if seed is None else seed)
 
     # -- seeding and state -------------------------------------------------------------------
@@ -530,10 +726,10 @@ class TorchGenerator:
 
     def clone(self) -> "TorchGenerator":
         """An independent copy with the same state."""
-        return TorchGenerator().set_state(self.get_state())
+        return TorchGenerator(kernel=self.kernel).set_state(self.get_state())
 
     def __repr__(self) -> str:
-        return f"TorchGenerator(initial_seed={self._seed})"
+        return f"TorchGenerator(initial_seed={self._seed}, kernel={self.kernel!r})"
 
     # -- the engine ------------------------------------------------------------------------
     def _words(self, n: int) -> np.ndarray:
@@ -639,10 +835,11 @@ class TorchGenerator:
             else:  # float16 / bfloat16 draw 16 uniforms per block, then 16 for the tail
                 w = self._words(16 * nb + (16 if tail else 0))
                 body, extra = w[:16 * nb], w[16 * nb:]
+            box_muller = _box_muller_f32 if self.kernel == "avx2" else _box_muller_f32_libm
             out = np.empty(n, _F32)
-            out[:16 * nb] = _box_muller_f32(body.reshape(nb, 16)).reshape(-1)
+            out[:16 * nb] = box_muller(body.reshape(nb, 16)).reshape(-1)
             if tail:
-                out[n - 16:] = _box_muller_f32(extra.reshape(1, 16)).reshape(-1)
+                out[n - 16:] = box_muller(extra.reshape(1, 16)).reshape(-1)
             return _cast(out, kind, dt).reshape(shape)
 
     def rand(self, *shape, dtype=np.float32) -> np.ndarray:

@@ -18,6 +18,7 @@ import pytest
 
 from sdort.runtime.random import (
     DEFAULT_SEED,
+    cpu_kernel,
     PhiloxGenerator,
     TorchGenerator,
     as_generator,
@@ -34,8 +35,8 @@ TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64, np.float16
 SEEDS = [0, 1, 42, 2**32 - 1, 2**32, 2**32 + 7, 2**63, 2**64 - 1, -1, -42, -(2**63), 0x5DEECE66_1234ABCD]
 
 cpu_avx2 = pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-    reason="bit-exactness of the float32 block path is with torch's AVX2 kernel",
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or cpu_kernel() != "avx2",
+    reason="these compare the float32 block path with torch's AVX2 kernel",
 )
 
 
@@ -362,6 +363,41 @@ def test_kernel_exhaustive():
             assert np.array_equal(t.view(np.uint32), ours[i:i + per_call].reshape(-1).view(np.uint32)), (lanes, i)
         if lanes == "radius":
             radius_one = int(np.flatnonzero(ours[:, :8].reshape(-1) == 1.0)[0])
+
+
+def test_default_kernel_matches_torch_without_avx2():
+    """torch's scalar kernel (ATEN_CPU_CAPABILITY=default, as on CPUs without AVX2 and aarch64)."""
+    code = textwrap.dedent("""
+        import numpy as np, torch, ml_dtypes
+        from sdort.runtime.random import TorchGenerator, cpu_kernel
+        assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+        assert cpu_kernel() == "default"
+        dts = {np.float32: torch.float32, np.float16: torch.float16, ml_dtypes.bfloat16: torch.bfloat16}
+        for seed in (0, 2**64 - 1, -5):
+            theirs = torch.Generator().manual_seed(seed)
+            ours = TorchGenerator(seed)
+            assert ours.kernel == "default"
+            for shape in ((16,), (17,), (1000,), (2, 4, 64, 64), (5,), (1, 4, 96, 96)):
+                for dt, tdt in dts.items():
+                    t = torch.randn(shape, generator=theirs, dtype=tdt)
+                    t = t.view(torch.int16).numpy() if tdt is torch.bfloat16 else t.numpy()
+                    a = ours.randn(shape, dtype=dt)
+                    assert np.array_equal(a.view(np.uint8), t.view(np.uint8)), (seed, shape, dt)
+            assert np.array_equal(ours.get_state(), theirs.get_state().numpy())
+        print("ok")
+    """)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_kernels_differ_only_in_last_bits():
+    a = TorchGenerator(3, kernel="avx2").randn(1, 4, 64, 64)
+    b = TorchGenerator(3, kernel="default").randn(1, 4, 64, 64)
+    assert not np.array_equal(a, b)
+    assert np.abs(a - b).max() < 3e-6
+    with pytest.raises(ValueError):
+        TorchGenerator(3, kernel="sse")
 
 
 # --------------------------------------------------------------------------------------------
