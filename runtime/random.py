@@ -406,8 +406,10 @@ _num_threads = None
 
 
 def set_num_threads(n: int | None) -> None:
-    """Threads used by large float32/float16/bfloat16 draws (None: up to 2, as the CPUs allow;
-    the environment variable SDORT_RANDOM_THREADS sets the same). Results never depend on it."""
+    """Threads for large float32/float16/bfloat16 draws: 1 (the default) or 2; None restores the
+    default. The environment variable SDORT_RANDOM_THREADS sets the same. Results never depend
+    on it. Two threads only pay off when a second core is idle: on a busy machine they were
+    slower than one in our measurements, hence the default."""
     global _num_threads
     _num_threads = None if n is None else max(1, int(n))
 
@@ -416,13 +418,7 @@ def _threads() -> int:
     if _num_threads is not None:
         return _num_threads
     env = os.environ.get("SDORT_RANDOM_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return min(2, cpus)
+    return max(1, int(env)) if env else 1
 
 
 def _box_muller_f32(w: np.ndarray) -> np.ndarray:

@@ -391,6 +391,18 @@ def test_default_kernel_matches_torch_without_avx2():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
+def test_threads_do_not_change_results():
+    from sdort.runtime.random import set_num_threads
+    ref32 = TorchGenerator(9).randn(2, 4, 128, 128)
+    ref16 = TorchGenerator(9).randn(3, 4, 96, 96, dtype=np.float16)
+    try:
+        set_num_threads(2)
+        assert_same_bits(TorchGenerator(9).randn(2, 4, 128, 128), ref32)
+        assert_same_bits(TorchGenerator(9).randn(3, 4, 96, 96, dtype=np.float16), ref16)
+    finally:
+        set_num_threads(None)
+
+
 def test_kernels_differ_only_in_last_bits():
     a = TorchGenerator(3, kernel="avx2").randn(1, 4, 64, 64)
     b = TorchGenerator(3, kernel="default").randn(1, 4, 64, 64)
