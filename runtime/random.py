@@ -79,7 +79,10 @@ import threading
 
 import numpy as np
 
-__all__ = ["TorchGenerator", "PhiloxGenerator", "as_generator", "cpu_kernel", "set_num_threads", "DEFAULT_SEED"]
+__all__ = [
+    "TorchGenerator", "PhiloxGenerator", "as_generator", "cpu_kernel", "set_num_threads", "philox4x32_10",
+    "DEFAULT_SEED", "STATE_SIZE",
+]
 
 #: The seed of a freshly constructed ``torch.Generator()`` (c10's ``default_rng_seed_val``).
 DEFAULT_SEED = 67280421310721
