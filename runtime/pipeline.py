@@ -58,19 +58,20 @@ def rescale_noise_cfg(noise_cfg: np.ndarray, noise_pred_text: np.ndarray, guidan
 
 
 def retrieve_timesteps(scheduler, num_inference_steps, timesteps=None, sigmas=None) -> int:
-    """Set the schedule from a step count, or from custom `timesteps` or `sigmas` (diffusers'
-    `retrieve_timesteps`); returns the number of steps."""
+    """Set the schedule from a step count, or from custom `timesteps` or `sigmas`; returns the
+    number of steps as diffusers' `retrieve_timesteps` does."""
     if timesteps is not None and sigmas is not None:
         raise ValueError("timesteps and sigmas: pass at most one of them")
     for name, value in (("timesteps", timesteps), ("sigmas", sigmas)):
         if value is not None and name not in inspect.signature(scheduler.set_timesteps).parameters:
             raise ValueError(f"{name}: {type(scheduler).__name__} does not take custom {name}")
+    if timesteps is None and sigmas is None:
+        scheduler.set_timesteps(num_inference_steps)
+        return num_inference_steps  # not len(timesteps): PNDM repeats one, as diffusers counts
     if timesteps is not None:
         scheduler.set_timesteps(timesteps=timesteps)
-    elif sigmas is not None:
-        scheduler.set_timesteps(sigmas=sigmas)
     else:
-        scheduler.set_timesteps(num_inference_steps)
+        scheduler.set_timesteps(sigmas=sigmas)
     return len(scheduler.timesteps)
 
 
