@@ -875,22 +875,27 @@ _SHIFT32 = _U64(32)
 def philox4x32_10(counter, key):
     """Philox4x32-10 (Salmon et al., SC'11) on arrays: ``counter`` is four uint32 arrays (or ints),
     ``key`` two ints. Returns the four output words as uint32 arrays."""
-    c0, c1, c2, c3 = (np.asarray(c, dtype=_U32) for c in counter)
-    c0, c1, c2, c3 = np.broadcast_arrays(c0, c1, c2, c3)
+    c0, c1, c2, c3 = np.broadcast_arrays(*(np.asarray(c, dtype=_U32) for c in counter))
+    # 32-bit words held in uint64 so that the 32x32 -> 64-bit products need no conversions
+    c0, c1, c2, c3 = (c.astype(_U64) for c in (c0, c1, c2, c3))
+    mask = _U64(0xFFFFFFFF)
     k0, k1 = int(key[0]) & 0xFFFFFFFF, int(key[1]) & 0xFFFFFFFF
     for r in range(10):
         if r:
             k0 = (k0 + _PHILOX_W0) & 0xFFFFFFFF
             k1 = (k1 + _PHILOX_W1) & 0xFFFFFFFF
-        p0 = c0.astype(_U64) * _PHILOX_M0
-        p1 = c2.astype(_U64) * _PHILOX_M1
-        c0, c1, c2, c3 = (
-            (p1 >> _SHIFT32).astype(_U32) ^ c1 ^ _U32(k0),
-            p1.astype(_U32),
-            (p0 >> _SHIFT32).astype(_U32) ^ c3 ^ _U32(k1),
-            p0.astype(_U32),
-        )
-    return c0, c1, c2, c3
+        p0 = c0 * _PHILOX_M0
+        p1 = c2 * _PHILOX_M1
+        hi1 = p1 >> _SHIFT32
+        hi1 ^= c1
+        hi1 ^= _U64(k0)
+        hi0 = p0 >> _SHIFT32
+        hi0 ^= c3
+        hi0 ^= _U64(k1)
+        p1 &= mask
+        p0 &= mask
+        c0, c1, c2, c3 = hi1, p1, hi0, p0
+    return tuple(c.astype(_U32) for c in (c0, c1, c2, c3))
 
 
 _BLOCK_THREADS = 256  # torch's block_size_bound
@@ -995,6 +1000,9 @@ class PhiloxGenerator:
             base = self._offset
             self._offset += iters * 4  # philox_cuda_state(counter_offset)
         i = np.arange(n, dtype=np.int64)
+        if stride >= n:  # one element per thread: the usual case
+            zeros = np.zeros(n, dtype=np.int64)
+            return i, zeros, zeros, base // 4
         q, thread = np.divmod(i, stride)
         k, lane = np.divmod(q, unroll)
         return thread, k, lane, base // 4
@@ -1035,7 +1043,9 @@ class PhiloxGenerator:
              + _F64(_CURAND_2POW32_INV_2PI) / 2).astype(_F32)
         s = np.sqrt(_F32(-2) * np.log(u.astype(_F64)).astype(_F32))
         v64 = v.astype(_F64)
-        trig = np.where(lane % 2 == 0, np.sin(v64), np.cos(v64)).astype(_F32)
+        odd = (lane % 2).astype(bool)  # lanes 0, 2: sine; 1, 3: cosine
+        trig = np.sin(v64) if not odd.any() else np.where(odd, np.cos(v64), np.sin(v64))
+        trig = trig.astype(_F32)
         out = trig * s + _F32(0)
         return _cast(out, kind, dt).reshape(shape)
 
