@@ -548,7 +548,8 @@ def test_philox_published_cuda_outputs_seed42():
     # flashinfer-ai/flashinfer (LogitsPipe docstring): torch.manual_seed(42); torch.randn(2, 5, device="cuda")
     expected = [[0.1940, 2.1614, -0.1721, 0.8491, -1.9244], [0.6530, -0.6494, -0.8175, 0.5280, -1.2753]]
     np.testing.assert_allclose(PhiloxGenerator(42).randn(2, 5), expected, atol=5.1e-5, rtol=0)
-    # six successive torch.randn(4, device="cuda") after seeding 42 (a public torch._foreach_sub repro)
+    # values printed in a public torch._foreach_sub reproduction script: six successive
+    # torch.randn(4, device="cuda") draws after seeding 42 (the offset advances by 4 per call)
     expected = [[0.1940, 2.1614, -0.1721, 0.8491], [0.1391, -0.1082, -0.7174, 0.7566],
                 [-0.5187, 1.2268, 0.6255, -0.9117], [-0.6974, -1.8688, -0.8832, -1.6627],
                 [-1.2682, -0.0383, -0.1029, 1.4400], [1.4640, -0.3238, 0.7740, 1.5892]]
