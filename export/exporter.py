@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import convert
-from .parts import STABLE_DIFFUSION_PARTS
+from .parts import parts_for
 from .sources import load_source
 
 MANIFEST = "sdort.json"
@@ -46,7 +46,7 @@ def _save_part_config(module, folder: Path) -> None:
 
 def _build(source, tmp: Path, dtype: str, log) -> dict:
     parts_info = {}
-    for part in STABLE_DIFFUSION_PARTS:
+    for part in parts_for(source.modules):
         start = time.perf_counter()
         module = source.modules[part.component]
         folder = tmp / part.name
@@ -60,7 +60,7 @@ def _build(source, tmp: Path, dtype: str, log) -> dict:
         error = convert.check(part, module, folder, part_dtype)
         tolerance = convert.TOLERANCE[part_dtype]
         size = _folder_size(folder)
-        log(f"{part.name:<13} {time.perf_counter() - start:7.1f} s  {size / 1e6:9.1f} MB  {part_dtype}  "
+        log(f"{part.name:<15} {time.perf_counter() - start:7.1f} s  {size / 1e6:9.1f} MB  {part_dtype}  "
             f"max abs error vs torch {error:.2e} (tolerance {tolerance:.0e})")
         if not error <= tolerance:
             raise ExportCheckError(
@@ -72,25 +72,35 @@ def _build(source, tmp: Path, dtype: str, log) -> dict:
 
 
 def _write_files(source, tmp: Path, dtype: str, parts_info: dict) -> None:
-    (tmp / "tokenizer").mkdir()
-    for name, content in source.tokenizer_files.items():
-        (tmp / "tokenizer" / name).write_bytes(content)
+    if source.tokenizer_files:  # none for image variation, which has no text encoder
+        (tmp / "tokenizer").mkdir()
+        for name, content in source.tokenizer_files.items():
+            (tmp / "tokenizer" / name).write_bytes(content)
+    if source.feature_extractor is not None:
+        (tmp / "feature_extractor").mkdir()
+        (tmp / "feature_extractor" / "preprocessor_config.json").write_bytes(source.feature_extractor)
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_bytes(source.scheduler_config)
     scheduler_class = json.loads(source.scheduler_config).get("_class_name", "PNDMScheduler")
+    modules = source.modules
     index = {
         "_class_name": source.pipeline_class,
         "_diffusers_version": _version("diffusers"),
-        "feature_extractor": [None, None],
+        "feature_extractor": ["transformers", source.feature_extractor_class] if source.feature_extractor else [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
         "scheduler": ["diffusers", scheduler_class],
-        "text_encoder": ["transformers", type(source.modules["text_encoder"]).__name__],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", type(source.modules["unet"]).__name__],
-        "vae_decoder": ["diffusers", "AutoencoderKL"],
-        "vae_encoder": ["diffusers", "AutoencoderKL"],
     }
+    if "text_encoder" in modules:
+        index["text_encoder"] = ["transformers", type(modules["text_encoder"]).__name__]
+        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    for name in ("depth_estimator", "image_encoder"):
+        if name in modules:
+            index[name] = ["transformers", type(modules[name]).__name__]
+    index["unet"] = ["diffusers", type(modules["unet"]).__name__]
+    index["vae_decoder"] = ["diffusers", "AutoencoderKL"]
+    index["vae_encoder"] = ["diffusers", "AutoencoderKL"]
+    index = dict(sorted(index.items()))
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     manifest = {
         "format": 1,

@@ -61,6 +61,28 @@ class _VaeDecoder(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+class _DepthEstimator(torch.nn.Module):
+    """DPT depth estimator (transformers DPTForDepthEstimation): pixel_values -> predicted_depth [B, H, W]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values, return_dict=True).predicted_depth
+
+
+class _ImageEncoder(torch.nn.Module):
+    """CLIP image encoder (transformers CLIPVisionModelWithProjection): pixel_values -> image_embeds [B, D]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values, return_dict=True).image_embeds
+
+
 @dataclass
 class Part:
     """One ONNX graph of the artifact: which torch component it comes from and its I/O contract."""
@@ -103,6 +125,15 @@ def _vae_decoder_sample(vae, batch, height, width):
     return (torch.randn(batch, vae.config.latent_channels, height, width, generator=generator),)
 
 
+def _pixel_sample(model, batch, height, width):
+    """Feature-extractor output at the model's own input size (config.image_size): these graphs take
+    one fixed size, the one their preprocessor makes; only the batch is dynamic."""
+    size = model.config.image_size
+    size_h, size_w = (size, size) if isinstance(size, int) else tuple(size)
+    generator = torch.Generator().manual_seed(batch)
+    return (torch.rand(batch, model.config.num_channels, size_h, size_w, generator=generator) * 2 - 1,)
+
+
 _IMAGE_AXES = {0: "batch", 2: "height", 3: "width"}
 _LATENT_AXES = {0: "batch", 2: "latent_height", 3: "latent_width"}
 
@@ -126,4 +157,21 @@ VAE_DECODER = Part(
     {"latent_sample": _LATENT_AXES, "sample": _IMAGE_AXES}, _vae_decoder_sample, fp16=False,
 )
 
+# Run once per call, and the DPT-Hybrid backbone's batch norms do not take float16: kept in float32.
+DEPTH_ESTIMATOR = Part(
+    "depth_estimator", "depth_estimator", _DepthEstimator, ["pixel_values"], ["predicted_depth"],
+    {"pixel_values": {0: "batch"}, "predicted_depth": {0: "batch"}}, _pixel_sample, fp16=False,
+)
+IMAGE_ENCODER = Part(
+    "image_encoder", "image_encoder", _ImageEncoder, ["pixel_values"], ["image_embeds"],
+    {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}, _pixel_sample,
+)
+
 STABLE_DIFFUSION_PARTS = [TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER]
+# Every part sd-export knows, in export order; a model exports those whose component it has.
+ALL_PARTS = [TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER, DEPTH_ESTIMATOR, IMAGE_ENCODER]
+
+
+def parts_for(modules) -> list[Part]:
+    """The parts to export for a model's torch components (a name -> module mapping)."""
+    return [part for part in ALL_PARTS if part.component in modules]

@@ -27,7 +27,51 @@ _HUB_PATTERNS = [
     "unet/diffusion_pytorch_model.safetensors",
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
+    # depth-to-image and image variation
+    "depth_estimator/config.json",
+    "depth_estimator/model.safetensors",
+    "image_encoder/config.json",
+    "image_encoder/model.safetensors",
+    "feature_extractor/preprocessor_config.json",
 ]
+
+# The torch components each pipeline class needs beyond `unet` and `vae`: (required, optional).
+# Other classes (text-to-image, image-to-image, Optimum's ONNX classes...) need the text encoder.
+TASK_COMPONENTS = {
+    "StableDiffusionDepth2ImgPipeline": (("text_encoder",), ("depth_estimator",)),
+    "StableDiffusionImageVariationPipeline": (("image_encoder",), ()),
+}
+_TEXT_COMPONENTS = (("text_encoder",), ())
+# Parts whose graph takes a feature extractor's output: its preprocessor_config.json is copied with them.
+_IMAGE_INPUT_COMPONENTS = ("depth_estimator", "image_encoder")
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def task_components(pipeline_class: str, index: dict) -> tuple[tuple, tuple]:
+    """(required, optional) components beyond unet and vae, from the class name or, for an unknown
+    class, from the components the model_index lists."""
+    if pipeline_class in TASK_COMPONENTS:
+        return TASK_COMPONENTS[pipeline_class]
+
+    def listed(name):
+        entry = index.get(name)
+        return bool(entry) and entry[0] is not None
+
+    if listed("depth_estimator"):
+        return TASK_COMPONENTS["StableDiffusionDepth2ImgPipeline"]
+    if listed("image_encoder") and not listed("text_encoder"):
+        return TASK_COMPONENTS["StableDiffusionImageVariationPipeline"]
+    return _TEXT_COMPONENTS
+
+
+def check_task(pipeline_class: str, modules: dict, where: str) -> None:
+    """What the runtime of a task relies on: depth-to-image concatenates one depth channel to the latents."""
+    if pipeline_class == "StableDiffusionDepth2ImgPipeline" or "depth_estimator" in modules:
+        channels = modules["unet"].config.in_channels
+        latent = modules["vae"].config.latent_channels
+        if channels != latent + 1:
+            raise ValueError(f"{where}: a depth-to-image model needs a UNet with {latent + 1} input channels "
+                             f"(latents and depth); this one has {channels}")
 
 
 @dataclass
@@ -40,6 +84,9 @@ class Source:
     tokenizer_files: dict[str, bytes]  # file name -> content
     scheduler_config: bytes  # scheduler_config.json, unchanged
     model_index: dict = field(default_factory=dict)
+    # feature_extractor/preprocessor_config.json, unchanged, and its model_index entry (class name)
+    feature_extractor: bytes | None = None
+    feature_extractor_class: str | None = None
 
 
 def preset_config(name: str) -> dict:
@@ -59,24 +106,46 @@ def build_preset(name: str) -> Source:
 
     cfg = preset_config(name)
     torch.manual_seed(cfg["seed"])
-    modules = {
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
-        "unet": UNet2DConditionModel(**cfg["unet"]),
-        "vae": AutoencoderKL(**cfg["vae"]),
-    }
-    tokenizer_files = {p.name: p.read_bytes() for p in shipped_tokenizer_dir().iterdir() if p.is_file()}
-    if cfg["tokenizer"]:
-        # SD 2.x tokenizers differ from SD 1.x only in their special-token settings (pad with "!").
-        for fname in ("tokenizer_config.json", "special_tokens_map.json"):
-            settings = json.loads(tokenizer_files[fname])
-            settings.update(cfg["tokenizer"])
-            tokenizer_files[fname] = json.dumps(settings, indent=2).encode()
+    modules = {}
+    # Built in this order from one seed, so that a preset's weights never change.
+    if "text_encoder" in cfg:
+        modules["text_encoder"] = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    modules["unet"] = UNet2DConditionModel(**cfg["unet"])
+    modules["vae"] = AutoencoderKL(**cfg["vae"])
+    if "depth_estimator" in cfg:
+        from transformers import DPTConfig, DPTForDepthEstimation
+
+        modules["depth_estimator"] = DPTForDepthEstimation(DPTConfig(**cfg["depth_estimator"]))
+    if "image_encoder" in cfg:
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        modules["image_encoder"] = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["image_encoder"]))
+    tokenizer_files = {}
+    if "text_encoder" in modules:
+        tokenizer_files = {p.name: p.read_bytes() for p in shipped_tokenizer_dir().iterdir() if p.is_file()}
+        if cfg.get("tokenizer"):
+            # SD 2.x tokenizers differ from SD 1.x only in their special-token settings (pad with "!").
+            for fname in ("tokenizer_config.json", "special_tokens_map.json"):
+                settings = json.loads(tokenizer_files[fname])
+                settings.update(cfg["tokenizer"])
+                tokenizer_files[fname] = json.dumps(settings, indent=2).encode()
     scheduler = json.dumps(cfg["scheduler"], indent=2).encode()
-    return Source(f"preset:{name}", cfg["pipeline"], {k: m.eval() for k, m in modules.items()}, tokenizer_files, scheduler)
+    source = Source(f"preset:{name}", cfg["pipeline"], {k: m.eval() for k, m in modules.items()}, tokenizer_files,
+                    scheduler)
+    if "feature_extractor" in cfg:
+        source.feature_extractor = (json.dumps(cfg["feature_extractor"], indent=2, sort_keys=True) + "\n").encode()
+        source.feature_extractor_class = cfg["feature_extractor"]["image_processor_type"]
+    check_task(source.pipeline_class, source.modules, f"preset {name}")
+    return source
 
 
 def load_folder(folder: str | os.PathLike) -> Source:
-    """Load a diffusers `save_pretrained` folder (model_index.json, unet/, vae/, text_encoder/, ...)."""
+    """Load a diffusers `save_pretrained` folder (model_index.json, unet/, vae/, text_encoder/, ...).
+
+    Which components are loaded depends on the pipeline class (see `TASK_COMPONENTS`): text
+    tasks need the text encoder and tokenizer, depth-to-image adds the depth estimator when the
+    model has one, image variation needs the image encoder and has no text encoder.
+    """
     import diffusers
     import transformers
 
@@ -85,25 +154,41 @@ def load_folder(folder: str | os.PathLike) -> Source:
     if not index_path.is_file():
         raise FileNotFoundError(f"{index_path}: not found; MODEL must be a diffusers folder (save_pretrained layout)")
     index = json.loads(index_path.read_text())
+    pipeline_class = index.get("_class_name", "StableDiffusionPipeline")
+    required, optional = task_components(pipeline_class, index)
     modules = {}
-    for name in ("text_encoder", "unet", "vae"):
+    for name in (*required, "unet", "vae", *optional):
         entry = index.get(name)
         if not entry or entry[0] is None:
+            if name in optional:
+                continue
             raise FileNotFoundError(f"{index_path}: the model has no '{name}' component")
         if not (folder / name).is_dir():
             raise FileNotFoundError(f"{folder / name}: folder missing")
         library = diffusers if entry[0] == "diffusers" else transformers
         cls = getattr(library, entry[1])
         modules[name] = cls.from_pretrained(folder / name).float().eval()
-    tokenizer_dir = folder / "tokenizer"
-    if not (tokenizer_dir / "vocab.json").is_file() and not (tokenizer_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{tokenizer_dir}: no vocab.json or tokenizer.json")
-    tokenizer_files = {p.name: p.read_bytes() for p in tokenizer_dir.iterdir() if p.is_file()}
+    tokenizer_files = {}
+    if "text_encoder" in modules:
+        tokenizer_dir = folder / "tokenizer"
+        if not (tokenizer_dir / "vocab.json").is_file() and not (tokenizer_dir / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{tokenizer_dir}: no vocab.json or tokenizer.json")
+        tokenizer_files = {p.name: p.read_bytes() for p in tokenizer_dir.iterdir() if p.is_file()}
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     if not scheduler_path.is_file():
         raise FileNotFoundError(f"{scheduler_path}: not found")
-    return Source(str(folder), index.get("_class_name", "StableDiffusionPipeline"), modules,
-                  tokenizer_files, scheduler_path.read_bytes(), index)
+    source = Source(str(folder), pipeline_class, modules, tokenizer_files, scheduler_path.read_bytes(), index)
+    if any(name in modules for name in _IMAGE_INPUT_COMPONENTS):
+        # The runtime preprocesses images for these parts exactly as this file says.
+        config_path = folder / "feature_extractor" / PREPROCESSOR_CONFIG
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path}: not found; the depth estimator and image encoder need it")
+        source.feature_extractor = config_path.read_bytes()
+        # The portable class name (transformers 5 saves e.g. "DPTImageProcessorPil" in model_index.json).
+        entry = index.get("feature_extractor") or [None, None]
+        source.feature_extractor_class = json.loads(source.feature_extractor).get("image_processor_type") or entry[1]
+    check_task(pipeline_class, modules, str(folder))
+    return source
 
 
 def download(repo_id: str) -> Path:

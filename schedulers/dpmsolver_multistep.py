@@ -336,7 +336,7 @@ def check_algorithm(owner: str, algorithm_type: str, solver_type: str, final_sig
         warnings.warn(
             f"algorithm_type {algorithm_type} is deprecated in diffusers; choose dpmsolver++ or sde-dpmsolver++",
             FutureWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of the scheduler's __init__
         )
     return algorithm_type_out, solver_type_out
 
