@@ -23,7 +23,15 @@ import numpy as np
 
 from .base import SchedulerOutput, check_option, compute_dtype, register_to_config
 from .dpmsolver_multistep import SOLVER_PREDICTION_TYPES, LogSNRSolverMixin, _sample_argument, only_one_sigma_schedule
-from .schedule import TIMESTEP_SPACINGS, exp_f32, flow_sigmas, interp_sigmas, linear_combination, sigma_to_t, solver_timesteps
+from .schedule import (
+    TIMESTEP_SPACINGS,
+    exp_f32,
+    flow_sigmas,
+    interp_sigmas,
+    linear_combination,
+    sigma_to_t,
+    solver_timesteps,
+)
 
 
 def _log(x):
@@ -107,7 +115,8 @@ class DEISMultistepScheduler(LogSNRSolverMixin):
             self.register_to_config(flow_shift=float(np.exp(mu)))
             cfg = self.config
         timesteps = solver_timesteps(
-            num_inference_steps, cfg.num_train_timesteps, cfg.timestep_spacing, cfg.steps_offset, owner=type(self).__name__
+            num_inference_steps, cfg.num_train_timesteps, cfg.timestep_spacing, cfg.steps_offset,
+            owner=type(self).__name__,
         )
         sigmas = self._train_sigmas()
         log_sigmas = np.log(sigmas)
@@ -139,7 +148,7 @@ class DEISMultistepScheduler(LogSNRSolverMixin):
         self._begin_index = None
 
     def convert_model_output(self, model_output, *args, sample=None, **kwargs):
-        """eps as DEIS integrates it: x_0 from the prediction (thresholded if configured), then eps = (x - alpha_t x_0) / sigma_t."""
+        """eps as DEIS integrates it: (x - alpha_t x_0) / sigma_t, x_0 predicted (and thresholded if configured)."""
         sample = _sample_argument(sample, args, 1)
         x0_pred = self._data_prediction(model_output, sample)
         alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(self.sigmas[self._step_index])
@@ -156,9 +165,12 @@ class DEISMultistepScheduler(LogSNRSolverMixin):
     def deis_first_order_update(self, model_output, *args, sample=None, **kwargs):
         """x_t = (alpha_t/alpha_s) x_s - sigma_t (e^h - 1) eps_s  (DDIM)."""
         sample = _sample_argument(sample, args, 2)
-        (alpha_t, sigma_t, lambda_t), (alpha_s, _, lambda_s) = self._coefficients(self._step_index + 1), self._coefficients(self._step_index)
+        alpha_t, sigma_t, lambda_t = self._coefficients(self._step_index + 1)
+        alpha_s, _, lambda_s = self._coefficients(self._step_index)
         h = lambda_t - lambda_s
-        return linear_combination((alpha_t / alpha_s, sample), (-(sigma_t * (exp_f32(h) - np.float32(1))), model_output))
+        return linear_combination(
+            (alpha_t / alpha_s, sample), (-(sigma_t * (exp_f32(h) - np.float32(1))), model_output)
+        )
 
     def multistep_deis_second_order_update(self, model_output_list, *args, sample=None, **kwargs):
         """x_t = alpha_t (x_s0/alpha_s0 + c0 eps_0 + c1 eps_1), linear extrapolation of eps in log rho."""

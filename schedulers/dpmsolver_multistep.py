@@ -36,7 +36,6 @@ from .base import (
     broadcast_to_ndim,
     check_option,
     compute_dtype,
-    logger,
     register_to_config,
 )
 from .noise import randn_tensor
@@ -88,7 +87,9 @@ class LogSNRSolverMixin(SchedulerMixin):
 
     def _init_schedule(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale=False):
         name = type(self).__name__
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, BETA_SCHEDULES, name)
+        self.betas = make_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, BETA_SCHEDULES, name
+        )
         if rescale:
             self.betas = rescale_zero_terminal_snr(self.betas)
         self.alphas, self.alphas_cumprod = alphas_from_betas(self.betas)
@@ -190,7 +191,7 @@ class LogSNRSolverMixin(SchedulerMixin):
 
     # ------------------------------------------------------------------ step counter and noising
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        """Position of ``timestep`` in the schedule (second match if repeated); the last step if absent, as diffusers."""
+        """Position of ``timestep`` in the schedule (second match if repeated); the last step if absent (diffusers)."""
         if schedule_timesteps is None:
             schedule_timesteps = self.timesteps
         value = np.asarray(timestep).reshape(-1)[0]
@@ -381,11 +382,15 @@ class DPMSolverMultistepScheduler(LogSNRSolverMixin):
         algorithm, solver = check_algorithm(
             name, algorithm_type, solver_type, final_sigmas_type, ALGORITHM_TYPES
         )
-        allowed = SOLVER_PREDICTION_TYPES if algorithm in ("dpmsolver++", "sde-dpmsolver++") else SOLVER_PREDICTION_TYPES[:3]
+        # flow_prediction is a data prediction: only the x_0 parameterisations take it
+        data_prediction = algorithm in ("dpmsolver++", "sde-dpmsolver++")
+        allowed = SOLVER_PREDICTION_TYPES if data_prediction else SOLVER_PREDICTION_TYPES[:3]
         check_option(name, "prediction_type", prediction_type, allowed)
         check_option(name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         check_option(name, "time_shift_type", time_shift_type, ("exponential",))
-        self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr)
+        self._init_schedule(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
+        )
         if (algorithm, solver) != (algorithm_type, solver_type):
             self.register_to_config(algorithm_type=algorithm, solver_type=solver)
         self.model_outputs = [None] * solver_order
@@ -459,7 +464,7 @@ class DPMSolverMultistepScheduler(LogSNRSolverMixin):
         self._begin_index = None
 
     def convert_model_output(self, model_output, *args, sample=None, **kwargs):
-        """The model output as the solver uses it: x_0 (dpmsolver++, sde-dpmsolver++) or eps (dpmsolver, sde-dpmsolver)."""
+        """The model output as the solver uses it: x_0 (dpmsolver++, sde-dpmsolver++) or eps (the others)."""
         sample = _sample_argument(sample, args, 1)
         if self.config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
             return self._data_prediction(model_output, sample)
@@ -535,9 +540,9 @@ class DPMSolverMultistepScheduler(LogSNRSolverMixin):
         model_output, sample = np.asarray(model_output), np.asarray(sample)
         out_dtype = model_output.dtype
         work = compute_dtype(model_output, sample)
-        converted = self.convert_model_output(model_output.astype(work, copy=False), sample=sample.astype(work, copy=False))
-        self.model_outputs = self.model_outputs[1:] + [converted]
         sample = sample.astype(work, copy=False)
+        converted = self.convert_model_output(model_output.astype(work, copy=False), sample=sample)
+        self.model_outputs = self.model_outputs[1:] + [converted]
 
         noise = None
         if cfg.algorithm_type in ("sde-dpmsolver", "sde-dpmsolver++"):
@@ -547,14 +552,15 @@ class DPMSolverMultistepScheduler(LogSNRSolverMixin):
                 noise = np.asarray(variance_noise).astype(np.float32)
             noise = noise.astype(work, copy=False)
 
+        if cfg.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+            update, first = self.dpm_solver_first_order_update, converted
+        elif cfg.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+            update, first = self.multistep_dpm_solver_second_order_update, self.model_outputs
+        else:
+            update, first = self.multistep_dpm_solver_third_order_update, self.model_outputs
         # (a zero-length step, h = 0, gives infinite ratios whose terms vanish, as with torch)
         with np.errstate(divide="ignore", invalid="ignore"):
-            if cfg.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
-                prev_sample = self.dpm_solver_first_order_update(converted, sample=sample, noise=noise)
-            elif cfg.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
-                prev_sample = self.multistep_dpm_solver_second_order_update(self.model_outputs, sample=sample, noise=noise)
-            else:
-                prev_sample = self.multistep_dpm_solver_third_order_update(self.model_outputs, sample=sample, noise=noise)
+            prev_sample = update(first, sample=sample, noise=noise)
         if self.lower_order_nums < cfg.solver_order:
             self.lower_order_nums += 1
 

@@ -273,7 +273,9 @@ class DPMSolverSinglestepScheduler(LogSNRSolverMixin):
         if order == 1:
             self.sample = sample  # the anchor of this group
         with np.errstate(divide="ignore", invalid="ignore"):  # h = 0 steps, as in the multistep solver
-            prev_sample = self.singlestep_dpm_solver_update(self.model_outputs, sample=self.sample, order=order, noise=noise)
+            prev_sample = self.singlestep_dpm_solver_update(
+                self.model_outputs, sample=self.sample, order=order, noise=noise
+            )
         prev_sample = prev_sample.astype(model_output.dtype, copy=False)
 
         self._step_index += 1

@@ -79,15 +79,19 @@ def check_custom_timesteps(timesteps, origin, num_train_timesteps: int, strength
             timesteps[0], num_train_timesteps - 1,
         )
     if off_schedule:
-        logger.warning("custom timesteps %s are not on the distillation schedule; results may be unexpected", off_schedule)
+        logger.warning(
+            "custom timesteps %s are not on the distillation schedule; results may be unexpected", off_schedule
+        )
     if len(timesteps) > max_len:
         logger.warning(
-            "%d custom timesteps exceed the %d of the training schedule; results may be unexpected", len(timesteps), max_len
+            "%d custom timesteps exceed the %d of the training schedule; results may be unexpected",
+            len(timesteps),
+            max_len,
         )
 
 
 def subsample_schedule(origin, num_inference_steps: int) -> np.ndarray:
-    """``num_inference_steps`` timesteps taken evenly (floor of linspace without endpoint) from descending ``origin``."""
+    """``num_inference_steps`` timesteps taken evenly (floor of a linspace, no endpoint) from reversed ``origin``."""
     origin = origin[::-1].copy()
     indices = np.floor(np.linspace(0, len(origin), num=num_inference_steps, endpoint=False)).astype(np.int64)
     return origin[indices]
@@ -98,10 +102,15 @@ class ConsistencySchedulerMixin(SchedulerMixin):
 
     order = 1
 
-    def _init_vp(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, set_alpha_to_one, rescale, prediction_type):
+    def _init_vp(
+        self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, set_alpha_to_one, rescale,
+        prediction_type,
+    ):
         name = type(self).__name__
         check_option(name, "prediction_type", prediction_type, PREDICTION_TYPES)
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, BETA_SCHEDULES, name)
+        self.betas = make_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, BETA_SCHEDULES, name
+        )
         if rescale:
             self.betas = rescale_zero_terminal_snr(self.betas)
         self.alphas, self.alphas_cumprod = alphas_from_betas(self.betas)
@@ -199,7 +208,9 @@ class LCMScheduler(ConsistencySchedulerMixin):
         T = self.config.num_train_timesteps
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("set_timesteps: give exactly one of `num_inference_steps` or `timesteps`")
-        original_steps = original_inference_steps if original_inference_steps is not None else self.config.original_inference_steps
+        original_steps = original_inference_steps
+        if original_steps is None:
+            original_steps = self.config.original_inference_steps
         if original_steps > T:
             raise ValueError(f"original_inference_steps={original_steps} cannot be larger than num_train_timesteps={T}")
         origin = distillation_timesteps(T, original_steps, strength)
@@ -208,7 +219,9 @@ class LCMScheduler(ConsistencySchedulerMixin):
             timesteps = np.array(timesteps, dtype=np.int64)
         else:
             if num_inference_steps > T:
-                raise ValueError(f"num_inference_steps={num_inference_steps} cannot be larger than num_train_timesteps={T}")
+                raise ValueError(
+                    f"num_inference_steps={num_inference_steps} cannot be larger than num_train_timesteps={T}"
+                )
             if len(origin) // num_inference_steps < 1:
                 raise ValueError(
                     f"original_inference_steps x strength = {original_steps} x {strength} is smaller than "
@@ -216,13 +229,14 @@ class LCMScheduler(ConsistencySchedulerMixin):
                 )
             if num_inference_steps > original_steps:
                 raise ValueError(
-                    f"num_inference_steps={num_inference_steps} cannot be larger than original_inference_steps={original_steps}"
+                    f"num_inference_steps={num_inference_steps} cannot be larger than "
+                    f"original_inference_steps={original_steps}"
                 )
             timesteps = subsample_schedule(origin, num_inference_steps)
         self._finish_timesteps(timesteps, num_inference_steps, strength)
 
     def get_scalings_for_boundary_condition_discrete(self, timestep):
-        """(c_skip, c_out) = (s_d^2 / (t'^2 + s_d^2), t' / sqrt(t'^2 + s_d^2)), t' = timestep * timestep_scaling, s_d = 0.5."""
+        """(c_skip, c_out) = (s_d^2 / (t'^2 + s_d^2), t' / sqrt(t'^2 + s_d^2)), t' = t * timestep_scaling, s_d = 0.5."""
         self.sigma_data = 0.5
         f32 = np.float32
         scaled_timestep = f32(scalar_timestep(timestep)) * f32(self.config.timestep_scaling)
@@ -251,7 +265,9 @@ class LCMScheduler(ConsistencySchedulerMixin):
         c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(t)
 
         # x_0 estimate, then the consistency boundary condition: denoised = c_out x_0 + c_skip x_t
-        pred_x0, _ = vp_prediction_to_x0_eps(self.config.prediction_type, eps_in, x_t, alpha_prod_t, np.float32(1) - alpha_prod_t)
+        pred_x0, _ = vp_prediction_to_x0_eps(
+            self.config.prediction_type, eps_in, x_t, alpha_prod_t, np.float32(1) - alpha_prod_t
+        )
         if self.config.thresholding:
             pred_x0 = self._threshold_sample(pred_x0)
         elif self.config.clip_sample:

@@ -88,14 +88,17 @@ class TCDScheduler(ConsistencySchedulerMixin):
         timesteps=None,
         strength: float = 1.0,
     ):
-        """Choose ``timesteps`` (int64) from the distillation schedule (or all training timesteps), or take custom ones."""
+        """Choose ``timesteps`` (int64) from the distillation schedule (or all training timesteps), or custom ones."""
         T = self.config.num_train_timesteps
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("set_timesteps: give exactly one of `num_inference_steps` or `timesteps`")
-        original_steps = original_inference_steps if original_inference_steps is not None else self.config.original_inference_steps
+        original_steps = original_inference_steps
         if original_inference_steps is None:
+            original_steps = self.config.original_inference_steps
             if original_steps > T:
-                raise ValueError(f"original_inference_steps={original_steps} cannot be larger than num_train_timesteps={T}")
+                raise ValueError(
+                    f"original_inference_steps={original_steps} cannot be larger than num_train_timesteps={T}"
+                )
             origin = distillation_timesteps(T, original_steps, strength)
         else:
             # an explicit original_inference_steps selects from every training timestep (diffusers' behaviour)
@@ -105,7 +108,9 @@ class TCDScheduler(ConsistencySchedulerMixin):
             timesteps = np.array(timesteps, dtype=np.int64)
         else:
             if num_inference_steps > T:
-                raise ValueError(f"num_inference_steps={num_inference_steps} cannot be larger than num_train_timesteps={T}")
+                raise ValueError(
+                    f"num_inference_steps={num_inference_steps} cannot be larger than num_train_timesteps={T}"
+                )
             if original_steps is not None:
                 if len(origin) // num_inference_steps < 1:
                     raise ValueError(
@@ -120,7 +125,9 @@ class TCDScheduler(ConsistencySchedulerMixin):
             timesteps = subsample_schedule(origin, num_inference_steps)
         self._finish_timesteps(timesteps, num_inference_steps, strength)
 
-    def step(self, model_output, timestep, sample, eta: float = 0.3, generator=None, return_dict: bool = True, **kwargs):
+    def step(
+        self, model_output, timestep, sample, eta: float = 0.3, generator=None, return_dict: bool = True, **kwargs
+    ):
         """One TCD step with gamma = ``eta`` (0: deterministic; 1: like LCM); extra keyword arguments are ignored."""
         self._check_ready()
         if self._step_index is None:

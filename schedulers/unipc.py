@@ -121,7 +121,9 @@ class UniPCMultistepScheduler(LogSNRSolverMixin):
             raise UnsupportedOptionError(f"{name}: shift_terminal is only supported with use_flow_sigmas=True")
         if solver_type not in ("midpoint", "heun", "logrho"):
             check_option(name, "solver_type", solver_type, ("bh1", "bh2"))
-        self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr)
+        self._init_schedule(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
+        )
         if solver_type in ("midpoint", "heun", "logrho"):
             # the DPM-Solver and DEIS solver types become UniPC's default, as in diffusers
             self.register_to_config(solver_type="bh2")
@@ -156,7 +158,9 @@ class UniPCMultistepScheduler(LogSNRSolverMixin):
                 raise ValueError("set_timesteps: custom `sigmas` are only supported with use_flow_sigmas=True")
             num_inference_steps = len(sigmas)
         T = cfg.num_train_timesteps
-        timesteps = solver_timesteps(num_inference_steps, T, cfg.timestep_spacing, cfg.steps_offset, owner=type(self).__name__)
+        timesteps = solver_timesteps(
+            num_inference_steps, T, cfg.timestep_spacing, cfg.steps_offset, owner=type(self).__name__
+        )
 
         def final(sigma_min_value):
             return sigma_min_value if cfg.final_sigmas_type == "sigma_min" else 0
@@ -269,9 +273,12 @@ class UniPCMultistepScheduler(LogSNRSolverMixin):
         outputs = self.model_outputs
         history = [outputs[-(k + 1)] for k in range(1, order)]
         i = self._step_index
-        return self._bh_update(sample, outputs[-1], history, i + 1, i, order, corrector=False).astype(sample.dtype, copy=False)
+        x_t = self._bh_update(sample, outputs[-1], history, i + 1, i, order, corrector=False)
+        return x_t.astype(sample.dtype, copy=False)
 
-    def multistep_uni_c_bh_update(self, this_model_output, *args, last_sample=None, this_sample=None, order=None, **kwargs):
+    def multistep_uni_c_bh_update(
+        self, this_model_output, *args, last_sample=None, this_sample=None, order=None, **kwargs
+    ):
         """UniC: correct ``this_sample`` (at t_i) using its model output and the history before it."""
         last_sample = _sample_argument(last_sample, args, 1, "last_sample")
         this_sample = _sample_argument(this_sample, args, 2, "this_sample")
@@ -317,7 +324,9 @@ class UniPCMultistepScheduler(LogSNRSolverMixin):
         self.this_order = min(this_order, self.lower_order_nums + 1)  # warm-up with lower orders
         self.last_sample = sample
         with np.errstate(divide="ignore", invalid="ignore"):
-            prev_sample = self.multistep_uni_p_bh_update(model_output=model_output, sample=sample, order=self.this_order)
+            prev_sample = self.multistep_uni_p_bh_update(
+                model_output=model_output, sample=sample, order=self.this_order
+            )
         if self.lower_order_nums < cfg.solver_order:
             self.lower_order_nums += 1
 

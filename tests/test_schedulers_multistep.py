@@ -292,7 +292,12 @@ DPM_MS_GRID = merge(
         timestep_spacing=("trailing", "leading"),
         steps=(25,),
     ),
-    grid(rescale_betas_zero_snr=(True,), prediction_type=("v_prediction",), algorithm_type=("sde-dpmsolver++",), steps=(10,)),
+    grid(
+        rescale_betas_zero_snr=(True,),
+        prediction_type=("v_prediction",),
+        algorithm_type=("sde-dpmsolver++",),
+        steps=(10,),
+    ),
     # image-to-image: starting part-way (set_begin_index, add_noise)
     grid(
         algorithm_type=("dpmsolver++", "sde-dpmsolver++", "dpmsolver"),
@@ -360,7 +365,9 @@ def test_dpm_multistep_refusals():
     with pytest.raises(ValueError, match="solver_type"):
         DPMSolverMultistepScheduler(solver_type="rk4")
     with pytest.raises(ValueError, match="prediction_type"):
-        DPMSolverMultistepScheduler(prediction_type="flow_prediction", algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+        DPMSolverMultistepScheduler(
+            prediction_type="flow_prediction", algorithm_type="dpmsolver", final_sigmas_type="sigma_min"
+        )
     with pytest.raises(ValueError, match="use_karras_sigmas"):
         DPMSolverMultistepScheduler(use_karras_sigmas=True, use_beta_sigmas=True)
     with pytest.raises(ValueError, match="beta_schedule"):
@@ -399,14 +406,23 @@ DPM_SS_GRID = merge(
         solver_type=("midpoint", "heun"),
         steps=(10,),
     ),
-    grid(algorithm_type=("dpmsolver++", "sde-dpmsolver++"), solver_order=(3,), solver_type=("midpoint", "heun"), steps=(25,)),
+    grid(
+        algorithm_type=("dpmsolver++", "sde-dpmsolver++"),
+        solver_order=(3,),
+        solver_type=("midpoint", "heun"),
+        steps=(25,),
+    ),
     # lower_order_final stays off only for step counts divisible by the order and a sigma_min end
     grid(
         solver_order=(2, 3),
         final_sigmas_type=("zero", "sigma_min"),
         steps=(1, 2, 12, 50),
     ),
-    grid(prediction_type=("epsilon", "sample", "v_prediction"), algorithm_type=("dpmsolver++", "dpmsolver"), steps=(10,)),
+    grid(
+        prediction_type=("epsilon", "sample", "v_prediction"),
+        algorithm_type=("dpmsolver++", "dpmsolver"),
+        steps=(10,),
+    ),
     grid(schedule=("karras", "exponential", "beta"), solver_order=(2, 3), steps=(25,)),
     grid(schedule=("karras",), final_sigmas_type=("sigma_min",), steps=(24,)),
     grid(thresholding=(True,), prediction_type=("epsilon", "sample"), sample_max_value=(1.5,), steps=(10,)),
@@ -624,7 +640,11 @@ def test_tcd(case):
 
 def test_lcm_tcd_details():
     # diffusers' TCD takes every training timestep when original_inference_steps is given explicitly
-    run_pair("TCDScheduler", set_kwargs={"num_inference_steps": 7, "original_inference_steps": 20}, step_kwargs={"eta": 0.5})
+    run_pair(
+        "TCDScheduler",
+        set_kwargs={"num_inference_steps": 7, "original_inference_steps": 20},
+        step_kwargs={"eta": 0.5},
+    )
     for cls in (LCMScheduler, TCDScheduler):
         ours = cls()
         ref = getattr(diffusers, cls.__name__)()
@@ -658,7 +678,8 @@ def test_float16(name):
     gen_ref, gen_ours = torch.Generator().manual_seed(0), TorchDraws(0)
     for t_ours, t_ref in zip(ours.timesteps, ref.timesteps):
         out = model_fn(x_ours, t_ours, "epsilon", ours.alphas_cumprod).astype(np.float16)
-        out_ref = torch.from_numpy(model_fn(x_ref.float().numpy(), t_ref, "epsilon", ours.alphas_cumprod).astype(np.float16))
+        out_ref = model_fn(x_ref.float().numpy(), t_ref, "epsilon", ours.alphas_cumprod)
+        out_ref = torch.from_numpy(out_ref.astype(np.float16))
         x_ours = ours.step(out, t_ours, x_ours, generator=gen_ours).prev_sample
         x_ref = ref.step(out_ref, t_ref, x_ref, **accepted(ref.step, {"generator": gen_ref})).prev_sample
         assert x_ours.dtype == np.float16 and x_ref.dtype == torch.float16
