@@ -12,9 +12,9 @@ Limitations: ``generator`` is accepted (keyword only) and ignored, UniPC being d
 With final_sigmas_type="zero", diffusers' last step is NaN for predict_x0=False, for
 lower_order_final=False (order > 1) and for solver_type="bh1": sdort refuses the first two with a
 ValueError and, for bh1, returns the limit (the first-order data-prediction step to sigma = 0, i.e.
-x_0) where diffusers multiplies a zero residual by an infinite B(h). The
-order-3+ coefficient systems are solved in float64 and rounded to float32 where torch solves them in
-float32, a difference of a few float32 ulps in the coefficients. Sample arithmetic is float32
+x_0) where diffusers multiplies a zero residual by an infinite B(h). The coefficient systems of
+order 3 and up are solved in float64 and rounded to float32 where torch solves them in float32, a
+difference of a few float32 ulps in the coefficients. Sample arithmetic is float32
 (float64 kept), returned in the sample's dtype.
 """
 
@@ -37,12 +37,18 @@ from .schedule import stretch_shift_to_terminal as _stretch_shift_to_terminal
 from .schedule import time_shift as _time_shift
 
 
+def _solve_f32(a, b) -> np.ndarray:
+    # torch solves in float32; float64 then one rounding is at least as accurate
+    return np.linalg.solve(a.astype(np.float64), b.astype(np.float64)).astype(np.float32)
+
+
 def unipc_rhos(rks, hh, solver_type: str, order: int, corrector: bool):
-    """(rhos, B(h)) of the UniP (``corrector=False``) or UniC update, in float32.
+    """(rhos, phi_1, B(h)) of the UniP (``corrector=False``) or UniC update of ``order``, in float32.
 
     With phi_1 = e^hh - 1 and phi_{k+1} = phi_k / hh - 1/(k+1)!  (hh = -h for data prediction), the
-    rhos solve sum_k rho_k r_k^(i-1) = phi_(i+1)(hh) * i! / B(h), B(h) = hh (bh1) or e^hh - 1 (bh2).
-    The order-2 predictor and the order-1 corrector use rho = 1/2.
+    rhos solve sum_k rho_k r_k^(i-1) = phi_(i+1)(hh) * i! / B(h), B(h) = hh (bh1) or e^hh - 1 (bh2),
+    over the k < order - 1 history points for UniP and over those and r = 1 (the new output) for UniC.
+    The order-2 predictor and the order-1 corrector use rho = 1/2; the order-1 predictor has none.
     """
     f32 = np.float32
     h_phi_1 = expm1_f32(hh)
@@ -56,15 +62,15 @@ def unipc_rhos(rks, hh, solver_type: str, order: int, corrector: bool):
         factorial_i *= i + 1
         h_phi_k = h_phi_k / hh - f32(1 / factorial_i)
     R, b = np.stack(R), np.asarray(b, dtype=np.float32)
-    if corrector:
-        if order == 1:
-            return np.array([0.5], dtype=np.float32), h_phi_1, B_h
-        return np.linalg.solve(R.astype(np.float64), b.astype(np.float64)).astype(np.float32), h_phi_1, B_h
-    if order == 1:
-        return np.zeros(0, dtype=np.float32), h_phi_1, B_h
-    if order == 2:
-        return np.array([0.5], dtype=np.float32), h_phi_1, B_h
-    return np.linalg.solve(R[:-1, :-1].astype(np.float64), b[:-1].astype(np.float64)).astype(np.float32), h_phi_1, B_h
+    if corrector and order > 1:
+        rhos = _solve_f32(R, b)
+    elif corrector or order == 2:
+        rhos = np.array([0.5], dtype=np.float32)
+    elif order == 1:
+        rhos = np.zeros(0, dtype=np.float32)
+    else:
+        rhos = _solve_f32(R[:-1, :-1], b[:-1])
+    return rhos, h_phi_1, B_h
 
 
 class UniPCMultistepScheduler(LogSNRSolverMixin):
