@@ -173,6 +173,9 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
         if init_image.shape[0] != mask_condition.shape[0] and 1 not in (init_image.shape[0], mask_condition.shape[0]):
             raise ValueError(f"mask_image: {mask_condition.shape[0]} masks for {init_image.shape[0]} images; "
                              f"pass one mask, or one per image")
+        # Counts that cannot be spread over the batch fail here, before any model runs.
+        _spread(mask_condition, total, "mask_image")
+        _spread(init_image, total, "image")
         latent_hw = tuple(latent_shape[2:])
         latent_channels = latent_shape[1]
         if masked_image_latents is not None:
@@ -188,10 +191,14 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
             prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
 
         scheduler = self.fresh_scheduler(self.scheduler)
-        num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
-        timesteps = self.strength_timesteps(scheduler, num_inference_steps, strength)
-        if len(timesteps) == 0:
+        count = retrieve_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
+        # diffusers counts the steps of a custom schedule, but keeps the requested number otherwise
+        # (PNDM's schedule has one timestep more than steps).
+        if timesteps is not None or sigmas is not None:
+            num_inference_steps = count
+        if min(int(num_inference_steps * strength), num_inference_steps) < 1:
             raise ValueError(f"strength: {strength} with {num_inference_steps} steps leaves no step to run")
+        timesteps = self.strength_timesteps(scheduler, num_inference_steps, strength)
         is_strength_max = strength == 1.0
 
         # Draw 1: the image's VAE sample, when the image latents are needed. As diffusers, image i
@@ -199,7 +206,6 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
         noise_dtype = self.unet.inputs["sample"].dtype
         image_latents = None
         if in_channels == 4 or (latents is None and not is_strength_max):
-            _spread(init_image, total, "image")  # fail before encoding
             image_latents = _spread(self.encode_image(init_image, _first(generator, init_image.shape[0])), total,
                                     "image")
         # Draw 2: the noise (or the given latents, which diffusers then uses as noise at any strength).
