@@ -28,6 +28,9 @@ from sdort.schedulers.lcm import LCMScheduler  # noqa: E402
 from sdort.schedulers.tcd import TCDScheduler  # noqa: E402
 from sdort.schedulers.unipc import UniPCMultistepScheduler  # noqa: E402
 
+# diffusers' schedulers mix torch tensors into numpy calls, which numpy 2 warns about
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers")
+
 OURS = {
     cls.__name__: cls
     for cls in (
