@@ -98,12 +98,21 @@ def variation_model(tmp_path_factory):
     return save_and_export(pipe, tmp_path_factory.mktemp("variation"), StableDiffusionImageVariationPipeline)
 
 
-def load(model, cls_name):
-    import sdort.runtime.depth_to_image as depth
-    import sdort.runtime.image_variation as variation
+@pytest.fixture(scope="module")
+def depth_pipe(depth_model):
+    """sdort's pipeline on the exported depth model, loaded once (calls do not change it)."""
+    from sdort.runtime.depth_to_image import StableDiffusionDepth2ImgPipeline
 
-    cls = getattr(depth, cls_name, None) or getattr(variation, cls_name)
-    pipe = cls.from_pretrained(model[1], provider="cpu")
+    pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(depth_model[1], provider="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def variation_pipe(variation_model):
+    from sdort.runtime.image_variation import StableDiffusionImageVariationPipeline
+
+    pipe = StableDiffusionImageVariationPipeline.from_pretrained(variation_model[1], provider="cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -202,11 +211,11 @@ def test_bicubic_resize_equals_torch():
 
 
 @pytest.mark.parametrize("estimated", [False, True], ids=["given", "estimated"])
-def test_depth_map_equals_diffusers(depth_model, estimated):
+def test_depth_map_equals_diffusers(depth_model, depth_pipe, estimated):
     import torch
 
     reference = depth_model[0]
-    ours = load(depth_model, "StableDiffusionDepth2ImgPipeline")
+    ours = depth_pipe
     image = rgb_image(72, 56, seed=1)  # not square: the depth map follows the image's shape
     depth = None if estimated else np.random.default_rng(2).random((1, 50, 40)).astype(np.float32)
     with torch.no_grad():
@@ -219,13 +228,13 @@ def test_depth_map_equals_diffusers(depth_model, estimated):
 
 @pytest.mark.parametrize("strength", [0.3, 1.0])
 @pytest.mark.parametrize("estimated", [False, True], ids=["given", "estimated"])
-def test_depth_to_image_matches_diffusers(depth_model, strength, estimated):
+def test_depth_to_image_matches_diffusers(depth_model, depth_pipe, strength, estimated):
     import torch
 
     from sdort.runtime import TorchGenerator
 
     reference = depth_model[0]
-    ours = load(depth_model, "StableDiffusionDepth2ImgPipeline")
+    ours = depth_pipe
     depth = None if estimated else np.random.default_rng(5).random((1, 64, 64)).astype(np.float32)
     kwargs = dict(prompt="a house by a lake", image=rgb_image(), strength=strength, num_inference_steps=5,
                   num_images_per_prompt=2, negative_prompt="blurry", output_type="np")
@@ -237,10 +246,10 @@ def test_depth_to_image_matches_diffusers(depth_model, strength, estimated):
     assert np.abs(got[0] - got[1]).max() > 1e-3  # two different samples, not one repeated
 
 
-def test_depth_map_forms_agree(depth_model, tmp_path):
+def test_depth_map_forms_agree(depth_pipe, tmp_path):
     from sdort.runtime import TorchGenerator
 
-    ours = load(depth_model, "StableDiffusionDepth2ImgPipeline")
+    ours = depth_pipe
     depth16 = (np.random.default_rng(3).random((48, 40)) * 65535).astype(np.uint16)
     np.save(tmp_path / "depth.npy", depth16.astype(np.float32))
     kwargs = dict(prompt="a hill", image=rgb_image(), strength=0.6, num_inference_steps=3, output_type="np")
@@ -265,11 +274,10 @@ def test_depth_without_depth_estimator_needs_a_depth_map(depth_model, tmp_path):
     assert images.shape == (1, 64, 64, 3) and np.all(np.isfinite(images))
 
 
-def test_depth_needs_a_depth_unet(depth_model, variation_model):
+def test_depth_needs_a_depth_unet(depth_pipe, variation_pipe):
     from sdort.runtime.depth_to_image import StableDiffusionDepth2ImgPipeline
 
-    depth = load(depth_model, "StableDiffusionDepth2ImgPipeline")
-    variation = load(variation_model, "StableDiffusionImageVariationPipeline")
+    depth, variation = depth_pipe, variation_pipe
     with pytest.raises(ValueError, match="'unet'.* 5 input channels"):
         StableDiffusionDepth2ImgPipeline(**{**depth.components, "unet": variation.unet})
     # Sharing sessions with another task works both ways.
@@ -290,8 +298,8 @@ def test_depth_needs_a_depth_unet(depth_model, variation_model):
     (dict(prompt=None), "prompt"),
     (dict(generator=[1, 2, 3]), "generator"),
 ])
-def test_depth_bad_input_names_the_parameter(depth_model, kwargs, name):
-    pipe = load(depth_model, "StableDiffusionDepth2ImgPipeline")
+def test_depth_bad_input_names_the_parameter(depth_pipe, kwargs, name):
+    pipe = depth_pipe
     kwargs = {"prompt": "a dog", "image": rgb_image(), "num_inference_steps": 2, **kwargs}
     with pytest.raises(ValueError, match=name):
         pipe(**kwargs)
@@ -301,13 +309,13 @@ def test_depth_bad_input_names_the_parameter(depth_model, kwargs, name):
 
 
 @pytest.mark.parametrize("guidance_scale", [7.5, 1.0])
-def test_variation_matches_diffusers(variation_model, guidance_scale):
+def test_variation_matches_diffusers(variation_model, variation_pipe, guidance_scale):
     import torch
 
     from sdort.runtime import TorchGenerator
 
     reference = variation_model[0]
-    ours = load(variation_model, "StableDiffusionImageVariationPipeline")
+    ours = variation_pipe
     images = [rgb_image(seed=0), rgb_image(48, 80, seed=1)]
     kwargs = dict(num_inference_steps=4, num_images_per_prompt=2, guidance_scale=guidance_scale, output_type="np",
                   height=64, width=64)
@@ -317,11 +325,11 @@ def test_variation_matches_diffusers(variation_model, guidance_scale):
     compare(got, expected)
 
 
-def test_variation_pixel_values_latents_and_callback(variation_model):
+def test_variation_pixel_values_latents_and_callback(variation_model, variation_pipe):
     import torch
 
     reference = variation_model[0]
-    ours = load(variation_model, "StableDiffusionImageVariationPipeline")
+    ours = variation_pipe
     pixels = ours.feature_extractor(rgb_image(seed=2))
     latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
     seen = []
@@ -335,10 +343,10 @@ def test_variation_pixel_values_latents_and_callback(variation_model):
     assert seen == expected_seen and len(seen) == 3
 
 
-def test_variation_has_no_text_encoder(variation_model):
+def test_variation_has_no_text_encoder(variation_pipe):
     from sdort.runtime.image_variation import StableDiffusionImageVariationPipeline
 
-    pipe = load(variation_model, "StableDiffusionImageVariationPipeline")
+    pipe = variation_pipe
     assert pipe.text_encoder is None and pipe.tokenizer is None
     with pytest.raises(TypeError, match="no text encoder"):
         pipe.encode_prompt("a cat", 1, True)
@@ -361,8 +369,8 @@ def test_variation_has_no_text_encoder(variation_model):
     (dict(latents=np.zeros((1, 4, 4, 4), np.float32)), "latents"),
     (dict(generator=[1, 2, 3]), "generator"),
 ])
-def test_variation_bad_input_names_the_parameter(variation_model, kwargs, name):
-    pipe = load(variation_model, "StableDiffusionImageVariationPipeline")
+def test_variation_bad_input_names_the_parameter(variation_pipe, kwargs, name):
+    pipe = variation_pipe
     kwargs = {"image": rgb_image(), "num_inference_steps": 2, **kwargs}
     with pytest.raises(ValueError, match=name):
         pipe(**kwargs)
