@@ -458,3 +458,128 @@ def linear_combination(*terms):
     for c, x in rest:
         total = total + c * x
     return total
+
+
+# ---------------------------------------------------------------------------- k-diffusion discrete schedules
+# Shared by LMS, Heun, KDPM2 and KDPM2 ancestral (discrete schedules) and by the EDM schedulers (ramps).
+def chosen_sigma_schedule(
+    use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, owner: str = "scheduler"
+):
+    """"karras", "exponential", "beta" or None from the three ``use_*_sigmas`` flags; more than one is refused."""
+    from .base import UnsupportedOptionError
+    chosen = [
+        name
+        for name, flag in (("karras", use_karras_sigmas), ("exponential", use_exponential_sigmas), ("beta", use_beta_sigmas))
+        if flag
+    ]
+    if len(chosen) > 1:
+        raise UnsupportedOptionError(
+            f"{owner}: only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used"
+        )
+    return chosen[0] if chosen else None
+
+
+def discrete_sigma_schedule(
+    alphas_cumprod,
+    num_inference_steps: int,
+    num_train_timesteps: int,
+    timestep_spacing: str = "linspace",
+    steps_offset: int = 0,
+    timesteps=None,
+    sigma_schedule=None,
+    sigma_min=None,
+    sigma_max=None,
+    owner: str = "scheduler",
+):
+    """Timesteps and sigmas of diffusers' k-diffusion discrete schedulers, before the final sigma is appended.
+
+    t: the spaced timesteps (float32), or ``timesteps`` given by the caller;
+    sigma(t): linear interpolation of the training sigmas sqrt((1 - alpha_bar) / alpha_bar) (float64);
+    with ``sigma_schedule`` (karras / exponential / beta between ``sigma_min`` and ``sigma_max``, by default
+    the ends of sigma(t)): sigmas from that schedule and t = sigma_to_t(sigma) (float64, unrounded).
+    Returns (timesteps, sigmas, log_sigmas) with log_sigmas the float32 log training sigmas.
+    """
+    if timesteps is None:
+        timesteps = spaced_timesteps(
+            num_inference_steps, num_train_timesteps, timestep_spacing, steps_offset, round_linspace=False, owner=owner
+        ).astype(np.float32)
+    else:
+        timesteps = np.array(timesteps, dtype=np.float32)
+    train_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)
+    log_sigmas = np.log(train_sigmas)
+    sigmas = interp_sigmas(timesteps, train_sigmas)
+    if sigma_schedule is not None:
+        check_option(owner, "sigma schedule", sigma_schedule, ("karras", "exponential", "beta"))
+        bounds = sigma_range(sigmas, sigma_min, sigma_max)
+        if sigma_schedule == "karras":
+            sigmas = karras_sigmas(*bounds, num_inference_steps)
+        elif sigma_schedule == "exponential":
+            sigmas = exponential_sigmas(*bounds, num_inference_steps)
+        else:
+            sigmas = beta_sigmas(*bounds, num_inference_steps)
+        timesteps = sigma_to_t(sigmas, log_sigmas)
+    return timesteps, sigmas, log_sigmas
+
+
+def sigma_to_t_f32(sigma, log_sigmas) -> np.ndarray:
+    """``sigma_to_t`` with every operation in float32 (what diffusers computes when handed torch tensors).
+
+    log sigma = log(max(sigma, 1e-10)); w = (low - log sigma) / (low - high) clipped to [0, 1];
+    t = (1 - w) * low_idx + w * high_idx, all float32.
+    """
+    sigma = np.asarray(sigma, dtype=np.float32)
+    log_sigmas = np.asarray(log_sigmas, dtype=np.float32)
+    log_sigma = np.log(np.maximum(sigma, np.float32(1e-10))).reshape(-1)
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), np.float32(0), np.float32(1))
+    t = (np.float32(1) - w) * low_idx.astype(np.float32) + w * high_idx.astype(np.float32)
+    return t.reshape(sigma.shape)
+
+
+def linspace_f64(start, end, num: int) -> np.ndarray:
+    """``num`` float64 points from ``start`` to ``end`` as torch.linspace(dtype=float64) gives them.
+
+    Point i is start + step * i in the first half and end - step * (num - 1 - i) in the second, each a
+    fused multiply-add (one rounding), with step = (end - start) / (num - 1); the exact rational
+    arithmetic below rounds once in the same way. (numpy's linspace differs in the last bit.)
+    """
+    from fractions import Fraction
+
+    num = int(num)
+    start, end = float(start), float(end)
+    if num <= 1:
+        return np.full(max(num, 0), start, dtype=np.float64)
+    step = Fraction((end - start) / (num - 1))
+    half = num // 2
+    points = [
+        float(Fraction(start) + step * i) if i < half else float(Fraction(end) - step * (num - 1 - i))
+        for i in range(num)
+    ]
+    return np.array(points, dtype=np.float64)
+
+
+def karras_sigmas_from_ramp(ramp, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
+    """sigma = (sigma_max^(1/rho) + ramp * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho in the ramp's dtype.
+
+    The EDM schedulers' form of Karras et al. (2022) eq. 5, for a given ramp in [0, 1]. With a float32 ramp
+    the sum is float32, as in torch, and the power is taken in float64 and rounded once.
+    """
+    ramp = np.asarray(ramp)
+    dtype = ramp.dtype.type if ramp.dtype in (np.float32, np.float64) else np.float64
+    ramp = ramp.astype(dtype)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    base = dtype(max_inv_rho) + ramp * dtype(min_inv_rho - max_inv_rho)
+    return (base.astype(np.float64) ** rho).astype(dtype)
+
+
+def exponential_sigmas_f32(sigma_min: float, sigma_max: float, num: int) -> np.ndarray:
+    """EDM's exponential schedule in float32: exp(linspace_f32(log sigma_min, log sigma_max, n)), descending.
+
+    The exp is taken in float64 and rounded once.
+    """
+    log_ramp = linspace_f32(math.log(sigma_min), math.log(sigma_max), num)
+    return np.exp(log_ramp.astype(np.float64)).astype(np.float32)[::-1].copy()
