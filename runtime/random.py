@@ -284,8 +284,9 @@ def _box_muller_f32_chunk(w: np.ndarray, out: np.ndarray, ws: _Workspace) -> Non
     # cephes: m = mantissa in [0.5, 1), e = exponent + 1; if m < sqrt(0.5): x = 2m - 1, e -= 1,
     # else x = m - 1 (all exact). Adding 0x3f800000 - 0x3f3504f3 carries into the exponent
     # exactly when m >= sqrt(0.5), which selects the same m and e with integer operations.
-    bits += np.int32(0x3F800000 - _SQRTHF_BITS - (24 << 23))
-    np.right_shift(bits, 23, out=i1)
+    # (subtracting 127 << 23 as well makes the arithmetic shift below give e directly)
+    bits += np.int32(0x3F800000 - _SQRTHF_BITS - (24 << 23) - (127 << 23))
+    np.right_shift(bits, 23, out=i1)  # e
     bits &= np.int32(0x007FFFFF)
     bits += np.int32(_SQRTHF_BITS)
     x -= _F32(1)
@@ -302,8 +303,7 @@ def _box_muller_f32_chunk(w: np.ndarray, out: np.ndarray, ws: _Workspace) -> Non
     y64 += _LOG_P[-1]
     np.copyto(y32, y64, casting="unsafe")
     y32 *= x  # y = y * x
-    i1 -= np.int32(127)
-    np.copyto(ez, i1, casting="unsafe")  # e
+    np.copyto(ez, i1, casting="unsafe")  # e as float32
     np.copyto(y64, y32)  # y = fma(y, z, fl32(e * q1))
     np.copyto(t64, z)
     y64 *= t64
@@ -424,12 +424,13 @@ def _threads() -> int:
     return max(1, int(env)) if env else 1
 
 
-def _box_muller_f32(w: np.ndarray) -> np.ndarray:
+def _box_muller_f32(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Blocks of 16 engine words (shape (nb, 16), uint32) to float32 normals, as torch's AVX2
     kernel turns the corresponding float uniforms into normals. numpy releases the GIL inside
-    its loops, so large draws split their chunks between two threads."""
+    its loops, so large draws can split their chunks between two threads."""
     global _pool
-    out = np.empty(w.shape, _F32)
+    if out is None:
+        out = np.empty(w.shape, _F32)
     starts = list(range(0, w.shape[0], _CHUNK_BLOCKS))
     if len(starts) < 2 or _threads() < 2:
         _chunks_serial(w, out, starts)
@@ -531,11 +532,12 @@ def _libm_sincosf(theta: np.ndarray):
     return sin_out, cos_out
 
 
-def _box_muller_f32_libm(w: np.ndarray) -> np.ndarray:
+def _box_muller_f32_libm(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Blocks of 16 engine words (nb, 16) to float32 normals, as torch's scalar (DEFAULT) kernel:
     ``radius = sqrtf(-2 * logf(1 - u1))``, ``theta = (float)(2 pi * (double)u2)``,
     ``fmaf(radius * cosf(theta), 1, 0)`` (sine for lanes 8-15)."""
-    out = np.empty(w.shape, _F32)
+    if out is None:
+        out = np.empty(w.shape, _F32)
     for i in range(0, w.shape[0], _CHUNK_BLOCKS):
         c = w[i:i + _CHUNK_BLOCKS]
         u = (c & _U32(0xFFFFFF)).astype(_F32)
@@ -836,7 +838,7 @@ class TorchGenerator:
                 body, extra = w[:16 * nb], w[16 * nb:]
             box_muller = _box_muller_f32 if self.kernel == "avx2" else _box_muller_f32_libm
             out = np.empty(n, _F32)
-            out[:16 * nb] = box_muller(body.reshape(nb, 16)).reshape(-1)
+            box_muller(body.reshape(nb, 16), out[:16 * nb].reshape(nb, 16))
             if tail:
                 out[n - 16:] = box_muller(extra.reshape(1, 16)).reshape(-1)
             return _cast(out, kind, dt).reshape(shape)
