@@ -168,8 +168,7 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
         self.check_mask(mask_condition)
         init_image = self._preprocess(self.image_processor, image, "image", height=height, width=width,
                                       resize_mode=resize_mode, crops_coords=crops_coords)
-        if init_image.shape[2:] != mask_condition.shape[2:]:  # both were resized to (height, width)
-            raise ValueError(f"mask_image: size {mask_condition.shape[2:]} differs from the image's {init_image.shape[2:]}")
+        # Image and mask of different sizes are both resized to (height, width), as in diffusers.
         if init_image.shape[0] != mask_condition.shape[0] and 1 not in (init_image.shape[0], mask_condition.shape[0]):
             raise ValueError(f"mask_image: {mask_condition.shape[0]} masks for {init_image.shape[0]} images; "
                              f"pass one mask, or one per image")
@@ -191,11 +190,7 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
             prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
 
         scheduler = self.fresh_scheduler(self.scheduler)
-        count = retrieve_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
-        # diffusers counts the steps of a custom schedule, but keeps the requested number otherwise
-        # (PNDM's schedule has one timestep more than steps).
-        if timesteps is not None or sigmas is not None:
-            num_inference_steps = count
+        num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
         if min(int(num_inference_steps * strength), num_inference_steps) < 1:
             raise ValueError(f"strength: {strength} with {num_inference_steps} steps leaves no step to run")
         timesteps = self.strength_timesteps(scheduler, num_inference_steps, strength)
@@ -248,8 +243,8 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
                 known = image_latents
                 if i < len(timesteps) - 1:
                     known = scheduler.add_noise(image_latents, noise, np.asarray([timesteps[i + 1]]))
-                keep = state["mask"][: current.shape[0]]  # the first half with guidance
-                return (1 - keep) * known + keep * current
+                repaint = state["mask"][: current.shape[0]]  # the first half with guidance
+                return (1 - repaint) * known + repaint * current
 
         callback = None
         loop_inputs = tuple(callback_on_step_end_tensor_inputs)
