@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from .exporter import DTYPES, ExportCheckError, export
+from .sources import PRESETS
 
 
 def parse_args(argv=None):
@@ -15,7 +16,7 @@ def parse_args(argv=None):
         description="Export a Stable Diffusion checkpoint (Hub id, diffusers folder or preset) to ONNX for sdort.",
     )
     parser.add_argument("model", metavar="MODEL",
-                        help="Hub repo id, local diffusers folder, or preset: tiny, sd15-arch, sd21-arch")
+                        help=f"Hub repo id, local diffusers folder, or preset: {', '.join(PRESETS)}")
     parser.add_argument("out", metavar="OUT", help="folder to create")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32",
                         help="fp16 converts text encoder and UNet; the VAE stays fp32 (default: fp32)")

@@ -2,6 +2,7 @@
 
 from .image_processor import CLIPImageProcessor, DPTImageProcessor, VaeImageProcessor
 from .image_to_image import StableDiffusionImg2ImgPipeline
+from .inpaint import StableDiffusionInpaintPipeline
 from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput
 from .random import PhiloxGenerator, TorchGenerator
 from .sessions import OnnxModel
@@ -16,6 +17,7 @@ __all__ = [
     "OnnxModel",
     "PhiloxGenerator",
     "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
     "StableDiffusionPipeline",
     "StableDiffusionPipelineOutput",
     "TorchGenerator",

@@ -12,6 +12,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+# The tests interleave torch and ONNX Runtime in one process on 2 cores: one torch thread keeps
+# the two thread pools from fighting (diffusers' calls were up to 50x slower otherwise).
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "export" / "presets" / "tokenizer"
 
