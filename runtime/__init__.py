@@ -1,7 +1,9 @@
 """sdort.runtime: Stable Diffusion pipelines on numpy and ONNX Runtime alone (no torch)."""
 
+from .depth_to_image import StableDiffusionDepth2ImgPipeline
 from .image_processor import CLIPImageProcessor, DPTImageProcessor, VaeImageProcessor
 from .image_to_image import StableDiffusionImg2ImgPipeline
+from .image_variation import StableDiffusionImageVariationPipeline
 from .inpaint import StableDiffusionInpaintPipeline
 from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput
 from .random import PhiloxGenerator, TorchGenerator
@@ -16,6 +18,8 @@ __all__ = [
     "DiffusionPipeline",
     "OnnxModel",
     "PhiloxGenerator",
+    "StableDiffusionDepth2ImgPipeline",
+    "StableDiffusionImageVariationPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
     "StableDiffusionPipeline",

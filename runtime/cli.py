@@ -1,6 +1,7 @@
 """The `sdort` command: generate images from an exported model folder.
 
     sdort txt2img --model models/sd15 "a fox in the snow" --steps 30 --seed 42 -o fox.png
+    sdort img2img --model models/sd15 "a fox, oil painting" --image fox.png --strength 0.6 -o oil.png
 
 Bad input ends with one line on stderr and exit code 2; nothing is written then.
 """
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..schedulers import SCHEDULER_NAMES, scheduler_from_name
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse prints the usage too)
@@ -22,17 +25,42 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", help="what to draw")
+# task -> (pipeline class in sdort.runtime, help, takes a prompt)
+TASKS = {
+    "txt2img": ("StableDiffusionPipeline", "text to image", True),
+    "img2img": ("StableDiffusionImg2ImgPipeline", "image to image", True),
+    "inpaint": ("StableDiffusionInpaintPipeline", "repaint the white part of a mask", True),
+    "depth2img": ("StableDiffusionDepth2ImgPipeline", "image to image guided by depth (SD 2 depth models)", True),
+    "variation": ("StableDiffusionImageVariationPipeline", "variations of an image (CLIP image embeddings)", False),
+}
+
+
+def _add_task(parser: argparse.ArgumentParser, task: str) -> None:
+    takes_prompt = TASKS[task][2]
+    if takes_prompt:
+        parser.add_argument("prompt", help="what to draw")
     parser.add_argument("--model", required=True, help="folder written by sd-export (or Optimum)")
-    parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    if takes_prompt:
+        parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    if task != "txt2img":
+        parser.add_argument("--image", required=True, help="the starting image")
+    if task == "inpaint":
+        parser.add_argument("--mask", required=True, help="mask image: white is repainted, black kept")
+        parser.add_argument("--padding-mask-crop", type=int, default=None,
+                            help="generate only around the mask, with this margin in pixels")
+    if task == "depth2img":
+        parser.add_argument("--depth-map", default=None, help="depth map (.npy or image); estimated when omitted")
+    if task in ("img2img", "inpaint", "depth2img"):
+        parser.add_argument("--strength", type=float, default=1.0 if task == "inpaint" else 0.8,
+                            help="how much of the image is redrawn, in [0, 1]")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, recorded in the PNG)")
     parser.add_argument("--rng", choices=("torch-cpu", "torch-cuda", "numpy"), default="torch-cpu",
                         help="random-number generator the seed drives (default torch-cpu: diffusers' CPU generator)")
-    parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8")
-    parser.add_argument("--width", type=int, default=None, help="image width, a multiple of 8")
+    if task in ("txt2img", "inpaint", "variation"):
+        parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8")
+        parser.add_argument("--width", type=int, default=None, help="image width, a multiple of 8")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--scheduler", default=None, help="scheduler class or short name (see `sdort schedulers`)")
     parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
@@ -42,9 +70,22 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdort", description="Stable Diffusion on ONNX Runtime, without PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_common(commands.add_parser("txt2img", help="text to image"))
+    for task, (_, help_text, _) in TASKS.items():
+        _add_task(commands.add_parser(task, help=help_text), task)
     commands.add_parser("schedulers", help="list the schedulers and their short names")
     return parser
+
+
+def load_image(path: str, flag: str):
+    """A PIL image from `path`; a missing or unreadable file names the option."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag}: {path} not found")
+    try:
+        return Image.open(path).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{flag}: {path} is not an image ({exc})") from None
 
 
 def make_generator(rng: str, seed: int):
@@ -77,28 +118,49 @@ def save_images(images, paths: list[Path], parameters: dict) -> None:
         os.replace(tmp, path)
 
 
-def txt2img(args) -> int:
-    from . import StableDiffusionPipeline
-    from ..schedulers import scheduler_from_name
+def task_inputs(args) -> dict:
+    """The pipeline arguments a task adds to the common ones, read from the command line."""
+    kwargs = {}
+    if getattr(args, "prompt", None) is not None:
+        kwargs.update(prompt=args.prompt, negative_prompt=args.negative_prompt)
+    if getattr(args, "image", None):
+        kwargs["image"] = load_image(args.image, "--image")
+    if getattr(args, "mask", None):
+        kwargs["mask_image"] = load_image(args.mask, "--mask")
+        kwargs["padding_mask_crop"] = args.padding_mask_crop
+    if getattr(args, "depth_map", None):
+        if not Path(args.depth_map).is_file():
+            raise FileNotFoundError(f"--depth-map: {args.depth_map} not found")
+        kwargs["depth_map"] = args.depth_map
+    if hasattr(args, "strength"):
+        kwargs["strength"] = args.strength
+    if hasattr(args, "height"):
+        kwargs.update(height=args.height, width=args.width)
+    return kwargs
+
+
+def generate(args) -> int:
+    from .. import runtime
 
     out_dir = Path(args.output).resolve().parent
     if not out_dir.is_dir():
         raise FileNotFoundError(f"-o/--output: folder {out_dir} does not exist")
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, provider=args.provider)
+    inputs = task_inputs(args)  # read the input files before loading the model
+    pipe = getattr(runtime, TASKS[args.command][0]).from_pretrained(args.model, provider=args.provider)
     if args.scheduler:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**32)
-    images = pipe(
-        args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-        guidance_scale=args.guidance, height=args.height, width=args.width,
-        num_images_per_prompt=args.num_images, generator=make_generator(args.rng, seed),
-    ).images
-    height, width = images[0].height, images[0].width
+    images = pipe(num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.num_images,
+                  generator=make_generator(args.rng, seed), **inputs).images
     parameters = {
-        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed, "rng": args.rng,
+        "task": args.command, "prompt": getattr(args, "prompt", None),
+        "negative_prompt": getattr(args, "negative_prompt", None), "seed": seed, "rng": args.rng,
         "steps": args.steps, "guidance": args.guidance, "scheduler": type(pipe.scheduler).__name__,
-        "size": f"{width}x{height}", "model": args.model, "software": "sdort",
+        "size": f"{images[0].width}x{images[0].height}", "model": args.model, "software": "sdort",
     }
+    for name in ("image", "mask", "depth_map", "strength", "padding_mask_crop"):
+        if getattr(args, name, None) is not None:
+            parameters[name] = getattr(args, name)
     paths = output_paths(args.output, len(images))
     save_images(images, paths, parameters)
     for path in paths:
@@ -107,8 +169,6 @@ def txt2img(args) -> int:
 
 
 def list_schedulers() -> int:
-    from ..schedulers import SCHEDULER_NAMES
-
     for short, (class_name, overrides) in SCHEDULER_NAMES.items():
         extra = ", ".join(f"{k}={v}" for k, v in overrides.items())
         print(f"{short:<22} {class_name}{f' ({extra})' if extra else ''}")
@@ -121,7 +181,7 @@ def main(argv=None) -> int:
     try:
         if args.command == "schedulers":
             return list_schedulers()
-        return txt2img(args)
+        return generate(args)
     except (ValueError, FileNotFoundError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"sdort: error: {message}", file=sys.stderr)

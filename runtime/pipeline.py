@@ -293,6 +293,11 @@ class DiffusionPipeline:
         (inpainting mask and masked image, depth); `after_step(i, t, latents)` may change the
         latents after each step (inpainting with a 4-channel UNet re-imposes the known region).
         """
+        expected = self.unet.inputs["sample"].shape[1]
+        given = latents.shape[1] + (0 if conditioning is None else conditioning.shape[1])
+        if isinstance(expected, int) and expected != given:
+            raise ValueError(f"unet: this UNet takes {expected} input channels, the {type(self).__name__} task gives "
+                             f"{given}; a {expected}-channel model needs its own task (inpaint: 9, depth2img: 5)")
         do_cfg = negative_prompt_embeds is not None
         embeds = np.concatenate([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
         # Constant over all steps: placed on the session's device once.

@@ -64,3 +64,51 @@ def test_not_a_model_folder(tmp_path):
     result = sdort("txt2img", "--model", str(tmp_path), "a dog", "-o", str(tmp_path / "dog.png"))
     assert result.returncode == 2 and "not an exported model" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def start_image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inputs") / "start.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(path.with_name("mask.png"))
+    return path
+
+
+def test_img2img_and_inpaint(tiny_export, tmp_path, start_image):
+    result = sdort("img2img", "--model", str(tiny_export), "an oil painting", "--image", str(start_image),
+                   "--strength", "0.5", "--steps", "4", "--seed", "3", "-o", str(tmp_path / "oil.png"))
+    assert result.returncode == 0, result.stderr
+    meta = Image.open(tmp_path / "oil.png").text
+    assert meta["task"] == "img2img" and meta["strength"] == "0.5" and meta["image"] == str(start_image)
+    result = sdort("inpaint", "--model", str(tiny_export), "a window", "--image", str(start_image),
+                   "--mask", str(start_image.with_name("mask.png")), "--steps", "3", "-o", str(tmp_path / "win.png"))
+    assert result.returncode == 0, result.stderr
+    inpainted = np.asarray(Image.open(tmp_path / "win.png"))
+    assert inpainted.shape == (64, 64, 3)
+
+
+def test_depth2img_and_variation(tmp_path, start_image):
+    from sdort.export import export
+
+    depth = export("tiny-depth", tmp_path / "depth", log=lambda *_: None)
+    variation = export("tiny-variation", tmp_path / "variation", log=lambda *_: None)
+    result = sdort("depth2img", "--model", str(depth), "a street", "--image", str(start_image), "--steps", "3",
+                   "-o", str(tmp_path / "street.png"))
+    assert result.returncode == 0, result.stderr
+    result = sdort("variation", "--model", str(variation), "--image", str(start_image), "--steps", "3",
+                   "-o", str(tmp_path / "var.png"))
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "var.png").text["task"] == "variation"
+    # a depth model cannot do text-to-image: one clear line
+    result = sdort("txt2img", "--model", str(depth), "a dog", "--steps", "2", "-o", str(tmp_path / "dog.png"))
+    assert result.returncode == 2 and "5 input channels" in result.stderr
+    assert not (tmp_path / "dog.png").exists()
+
+
+def test_missing_input_image(tiny_export, tmp_path):
+    result = sdort("img2img", "--model", str(tiny_export), "x", "--image", str(tmp_path / "none.png"),
+                   "-o", str(tmp_path / "o.png"))
+    assert result.returncode == 2 and "--image" in result.stderr
