@@ -86,7 +86,8 @@ def _write_files(source, tmp: Path, dtype: str, parts_info: dict) -> None:
     index = {
         "_class_name": source.pipeline_class,
         "_diffusers_version": _version("diffusers"),
-        "feature_extractor": ["transformers", source.feature_extractor_class] if source.feature_extractor else [None, None],
+        "feature_extractor": (["transformers", source.feature_extractor_class] if source.feature_extractor is not None
+                              else [None, None]),
         "requires_safety_checker": False,
         "safety_checker": [None, None],
         "scheduler": ["diffusers", scheduler_class],

@@ -1,7 +1,7 @@
 """Where a model comes from: a built-in preset, a local diffusers folder, or a Hugging Face Hub repo.
 
 Each source is turned into a `Source`: the torch components to trace, plus the files that are
-copied unchanged into the artifact (tokenizer, scheduler configuration).
+copied unchanged into the artifact (tokenizer, scheduler configuration, feature extractor).
 """
 
 from __future__ import annotations

@@ -112,7 +112,9 @@ def load_depth_map(depth_map) -> np.ndarray:
             raise ValueError(f"depth_map: the maps differ in size: {sorted({m.shape for m in maps})}")
         depth_map = np.stack(maps)
     if not isinstance(depth_map, np.ndarray):
-        raise ValueError(f"depth_map: expected a numpy array, a PIL image or a .npy path; got {type(depth_map).__name__}")
+        raise ValueError(
+            f"depth_map: expected a numpy array, a PIL image or a .npy path; got {type(depth_map).__name__}"
+        )
     if not (np.issubdtype(depth_map.dtype, np.floating) or np.issubdtype(depth_map.dtype, np.integer)):
         raise ValueError(f"depth_map: expected numbers; got dtype {depth_map.dtype}")
     if depth_map.ndim == 4 and depth_map.shape[1] == 1:

@@ -130,7 +130,8 @@ def test_depth_export_layout(depth_model):
     _, out, source = depth_model
     for part in ("text_encoder", "unet", "vae_encoder", "vae_decoder", "depth_estimator"):
         assert (out / part / "model.onnx").is_file() and (out / part / "config.json").is_file()
-    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == sorted(p.name for p in (source / "tokenizer").iterdir())
+    names = sorted(p.name for p in (out / "tokenizer").iterdir())
+    assert names and names == sorted(p.name for p in (source / "tokenizer").iterdir())
     copied = out / "feature_extractor" / "preprocessor_config.json"
     assert copied.read_bytes() == (source / "feature_extractor" / "preprocessor_config.json").read_bytes()
     index = json.loads((out / "model_index.json").read_text())
@@ -177,7 +178,8 @@ def test_presets_build_their_task():
     assert [p.name for p in parts_for(variation.modules)] == ["unet", "vae_encoder", "vae_decoder", "image_encoder"]
     pixels = CLIPImageProcessor(**json.loads(variation.feature_extractor))(rgb_image())
     assert pixels.shape == (1, 3, 32, 32)
-    assert variation.modules["image_encoder"].config.projection_dim == variation.modules["unet"].config.cross_attention_dim
+    modules = variation.modules
+    assert modules["image_encoder"].config.projection_dim == modules["unet"].config.cross_attention_dim
 
 
 def test_export_rejects_depth_model_without_depth_channel(tmp_path, depth_model):
