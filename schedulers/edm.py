@@ -15,8 +15,8 @@ ready ``pred_original_sample``. Prediction types epsilon and v_prediction.
 EDMDPMSolverMultistepScheduler: DPM-Solver++ of order 1-3 (``solver_order``), algorithm_type
 dpmsolver++ or sde-dpmsolver++ (noise from ``generator`` at every step), solver_type midpoint or heun,
 ``lower_order_final``, ``euler_at_final``, dynamic ``thresholding``. Prediction types epsilon and
-v_prediction. As in diffusers, algorithm_type "deis" becomes "dpmsolver++" and solver_type "logrho",
-"bh1", "bh2" become "midpoint".
+v_prediction. As in diffusers, algorithm_type "deis" becomes "dpmsolver++" (final_sigmas_type "zero"
+is then refused) and solver_type "logrho", "bh1", "bh2" become "midpoint".
 
 Limitations: prediction_type "sample" (accepted by diffusers' EDMDPMSolverMultistepScheduler
 constructor, refused by its first step) is refused when the scheduler is built, and so is the
@@ -25,11 +25,12 @@ DPM-Solver's karras schedule and for both exponential schedules, and its timeste
 float32 pow/exp/log, which are not correctly rounded; sdort rounds them correctly, so single values can
 differ by one float32 ulp. The sample is computed in float32 (float64 stays float64) and returned in
 ``model_output``'s dtype, also where torch mixes float16 model outputs into float16 products.
+Kept as in diffusers: with final_sigmas_type "sigma_min", the schedule ends with a zero-length
+step (sigma_min to sigma_min); from 15 steps on, the heun and third-order updates then divide 0 by 0
+and return nan there.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
@@ -373,14 +374,15 @@ class EDMDPMSolverMultistepScheduler(_EDMBase):
     def multistep_dpm_solver_third_order_update(self, model_output_list, sample, noise=None):
         """DPM-Solver++(3M) with the last three denoised outputs."""
         i = self._step_index
-        sigma_t, sigma_s0, sigma_s1, sigma_s2 = (self.sigmas[i + 1], self.sigmas[i], self.sigmas[i - 1], self.sigmas[i - 2])
+        sigma_t, sigma_s0, sigma_s1, sigma_s2 = self.sigmas[i + 1], self.sigmas[i], self.sigmas[i - 1], self.sigmas[i - 2]
         lambda_t, lambda_s0, lambda_s1, lambda_s2 = self._lambdas(sigma_t, sigma_s0, sigma_s1, sigma_s2)
         m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
         h = np.float32(lambda_t - lambda_s0)
         h_0, h_1 = np.float32(lambda_s0 - lambda_s1), np.float32(lambda_s1 - lambda_s2)
         r0, r1 = h_0 / h, h_1 / h
         one = np.float32(1)
-        # D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1;  D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1);  D2 = (D1_0 - D1_1) / (r0 + r1)
+        # D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1;
+        # D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1);  D2 = (D1_0 - D1_1) / (r0 + r1)
         d1_0, d1_1 = (one / r0) * (m0 - m1), (one / r1) * (m1 - m2)
         d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
         d2 = (one / (r0 + r1)) * (d1_0 - d1_1)
@@ -418,12 +420,16 @@ class EDMDPMSolverMultistepScheduler(_EDMBase):
         if cfg.algorithm_type == "sde-dpmsolver++":
             noise = upcast(randn_tensor(model_output.shape, generator=generator, dtype=out_dtype))
 
-        if cfg.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
-            prev_sample = self.dpm_solver_first_order_update(model_output, sample=sample, noise=noise)
-        elif cfg.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
-            prev_sample = self.multistep_dpm_solver_second_order_update(self.model_outputs, sample=sample, noise=noise)
-        else:
-            prev_sample = self.multistep_dpm_solver_third_order_update(self.model_outputs, sample=sample)
+        # (a zero-length last step, sigma_min to sigma_min, divides by h = 0 as in diffusers: no numpy warnings)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if cfg.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+                prev_sample = self.dpm_solver_first_order_update(model_output, sample=sample, noise=noise)
+            elif cfg.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+                prev_sample = self.multistep_dpm_solver_second_order_update(
+                    self.model_outputs, sample=sample, noise=noise
+                )
+            else:
+                prev_sample = self.multistep_dpm_solver_third_order_update(self.model_outputs, sample=sample)
         if self.lower_order_nums < cfg.solver_order:
             self.lower_order_nums += 1
 

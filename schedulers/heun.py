@@ -23,7 +23,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import KARRAS_COMPATIBLES, SchedulerOutput, SigmaSchedulerMixin, UnsupportedOptionError, check_option, register_to_config
+from .base import (
+    KARRAS_COMPATIBLES,
+    SchedulerOutput,
+    SigmaSchedulerMixin,
+    UnsupportedOptionError,
+    check_option,
+    register_to_config,
+)
 from .euler import upcast
 from .schedule import (
     BETA_SCHEDULES,
@@ -105,7 +112,11 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin):
         self._begin_index = None
 
     def set_timesteps(
-        self, num_inference_steps: int | None = None, device=None, num_train_timesteps: int | None = None, timesteps=None
+        self,
+        num_inference_steps: int | None = None,
+        device=None,
+        num_train_timesteps: int | None = None,
+        timesteps=None,
     ):
         """Compute ``timesteps`` and ``sigmas`` (float32, inner values doubled, final 0 appended).
 

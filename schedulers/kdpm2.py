@@ -6,8 +6,9 @@ exp((log sigma_i + log sigma_{i+1}) / 2) (to sigma_down for the ancestral sample
 sigma_i with the slope evaluated at the midpoint. The predictor's sample is kept in between
 (``sample``; ``state_in_first_order``). As in diffusers, ``timesteps`` interleave the step timesteps
 with the midpoints' fractional timesteps, ``sigmas``/``sigmas_interpol`` (and ``sigmas_up``/
-``sigmas_down``) hold every value after the first twice and the last once more, and ``order = 2``. The ancestral sampler adds fresh noise
-of standard deviation sigma_up after each corrector, drawn from ``generator`` as diffusers draws it.
+``sigmas_down``) hold every value after the first twice and the last once more, and ``order = 2``. The
+ancestral sampler adds fresh noise of standard deviation sigma_up after each corrector, drawn from
+``generator`` as diffusers draws it.
 
 Supported: prediction types epsilon and v_prediction; the three timestep spacings with
 ``steps_offset``; karras (timesteps rounded), exponential and beta sigmas (between ``sigma_min``/
@@ -257,7 +258,7 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Base):
         return (sample / np.sqrt(sigma * sigma + np.float32(1))).astype(sample.dtype, copy=False)
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
-        """One half of an ancestral DPM-Solver-2 step; noise is drawn in the corrector half. Extra keyword arguments (eta…) are ignored."""
+        """One half of an ancestral DPM-Solver-2 step (noise drawn in the corrector half); eta… are ignored."""
         if self._step_index is None:
             self._init_step_index(timestep)
 

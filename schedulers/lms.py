@@ -117,7 +117,8 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
     def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
         """Weight of the derivative ``current_order`` steps back in the order-``order`` update at step ``t``.
 
-        c = integral_{sigma_t}^{sigma_{t+1}} prod_{k != current_order} (tau - sigma_{t-k}) / (sigma_{t-current_order} - sigma_{t-k}) dtau
+        c = integral_{sigma_t}^{sigma_{t+1}} prod_{k != j} (tau - sigma_{t-k}) / (sigma_{t-j} - sigma_{t-k}) dtau,
+        j = current_order
         """
         nodes = [self.sigmas[t - k] for k in range(order)]
         return lagrange_basis_integral(nodes, current_order, self.sigmas[t], self.sigmas[t + 1])

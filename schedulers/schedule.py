@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from .base import broadcast_to_ndim, check_option
+from .base import UnsupportedOptionError, broadcast_to_ndim, check_option
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
@@ -466,12 +466,8 @@ def chosen_sigma_schedule(
     use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, owner: str = "scheduler"
 ):
     """"karras", "exponential", "beta" or None from the three ``use_*_sigmas`` flags; more than one is refused."""
-    from .base import UnsupportedOptionError
-    chosen = [
-        name
-        for name, flag in (("karras", use_karras_sigmas), ("exponential", use_exponential_sigmas), ("beta", use_beta_sigmas))
-        if flag
-    ]
+    flags = {"karras": use_karras_sigmas, "exponential": use_exponential_sigmas, "beta": use_beta_sigmas}
+    chosen = [name for name, flag in flags.items() if flag]
     if len(chosen) > 1:
         raise UnsupportedOptionError(
             f"{owner}: only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used"
