@@ -144,7 +144,6 @@ class StableDiffusionDepth2ImgPipeline(DiffusionPipeline):
                  depth_estimator=None, feature_extractor=None, **extra_parts):
         super().__init__(text_encoder, tokenizer, unet, vae_decoder, scheduler, vae_encoder,
                          depth_estimator=depth_estimator, feature_extractor=feature_extractor, **extra_parts)
-        self.scheduler = scheduler
         latent_channels = self.vae_decoder.config.get("latent_channels", 4)
         channels = self.unet.inputs["sample"].shape[1]
         if not isinstance(channels, int):

@@ -61,7 +61,6 @@ class StableDiffusionImageVariationPipeline(DiffusionPipeline):
                          image_encoder=image_encoder,
                          feature_extractor=feature_extractor if feature_extractor is not None else CLIPImageProcessor(),
                          **extra_parts)
-        self.scheduler = scheduler
 
     @classmethod
     def from_pretrained(cls, path, provider: str = "auto", session_options=None, **overrides):

@@ -96,6 +96,9 @@ class DiffusionPipeline:
     # Parts (folder names) every pipeline of this class needs, and those it uses when present.
     required_parts = ("text_encoder", "unet", "vae_decoder")
     optional_parts = ("vae_encoder",)
+    # diffusers' text-conditioned SD pipelines correct old scheduler configs when built; the
+    # depth and image-variation pipelines do not.
+    legacy_scheduler_fix = True
 
     def __init__(self, text_encoder, tokenizer, unet, vae_decoder, scheduler, vae_encoder=None, **extra_parts):
         self.text_encoder = text_encoder
@@ -103,7 +106,7 @@ class DiffusionPipeline:
         self.unet = unet
         self.vae_decoder = vae_decoder
         self.vae_encoder = vae_encoder
-        self.scheduler = legacy_scheduler_fixes(scheduler)
+        self.scheduler = legacy_scheduler_fixes(scheduler) if self.legacy_scheduler_fix else scheduler
         for name, part in extra_parts.items():
             setattr(self, name, part)
         self._component_names = ["text_encoder", "tokenizer", "unet", "vae_decoder", "vae_encoder", "scheduler",

@@ -185,3 +185,34 @@ def test_seed_reproduces_diffusers_cpu_generator(sd1, scheduler, eta):
     got = ours(generator=[7, 8], **kwargs).images
     expected = reference(generator=[torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)], **kwargs).images
     assert np.abs(got - expected).max() <= TOLERANCE
+
+
+ALL_SCHEDULERS = [
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "UniPCMultistepScheduler", "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler", "EDMEulerScheduler",
+    "EDMDPMSolverMultistepScheduler",
+]
+
+
+@pytest.mark.parametrize("scheduler", ALL_SCHEDULERS)
+def test_every_scheduler_with_a_seed(sd1, scheduler):
+    """Each scheduler swapped in as users do, seeded (initial and in-step noise from the seed)."""
+    import diffusers
+    import torch
+
+    import sdort.schedulers
+    from sdort.runtime import StableDiffusionPipeline
+
+    reference, folder = sd1
+    reference = type(reference)(**reference.components)
+    reference.scheduler = getattr(diffusers, scheduler).from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    ours = StableDiffusionPipeline.from_pretrained(folder, provider="cpu")
+    ours.scheduler = getattr(sdort.schedulers, scheduler).from_config(ours.scheduler.config)
+    kwargs = dict(prompt="a bowl of fruit", num_inference_steps=4, output_type="np")
+    got = ours(generator=11, **kwargs).images
+    expected = reference(generator=torch.Generator().manual_seed(11), **kwargs).images
+    assert got.std() > 1e-3
+    assert np.abs(got - expected).max() <= TOLERANCE
