@@ -1,7 +1,8 @@
 """sdort.runtime: Stable Diffusion pipelines on numpy and ONNX Runtime alone (no torch)."""
 
 from .depth_to_image import StableDiffusionDepth2ImgPipeline
-from .image_processor import CLIPImageProcessor, DPTImageProcessor, VaeImageProcessor
+from .feature_extractors import CLIPImageProcessor, DPTImageProcessor
+from .image_processor import VaeImageProcessor
 from .image_to_image import StableDiffusionImg2ImgPipeline
 from .image_variation import StableDiffusionImageVariationPipeline
 from .inpaint import StableDiffusionInpaintPipeline

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .image_processor import DPTImageProcessor
+from .feature_extractors import DPTImageProcessor
 from .image_to_image import check_strength
 from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput
 from .text_to_image import check_common_inputs

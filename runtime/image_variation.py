@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .image_processor import CLIPImageProcessor
+from .feature_extractors import CLIPImageProcessor
 from .pipeline import OUTPUT_TYPES, DiffusionPipeline, StableDiffusionPipelineOutput
 
 

@@ -160,7 +160,7 @@ def test_variation_export_layout(variation_model):
 def test_presets_build_their_task():
     from sdort.export.parts import parts_for
     from sdort.export.sources import PRESETS, build_preset
-    from sdort.runtime.image_processor import CLIPImageProcessor, DPTImageProcessor
+    from sdort.runtime.feature_extractors import CLIPImageProcessor, DPTImageProcessor
 
     assert {"tiny-depth", "tiny-variation"} <= set(PRESETS)
     depth = build_preset("tiny-depth")

@@ -27,14 +27,13 @@ diffusers_ip = pytest.importorskip("diffusers.image_processor")
 clip_pil = pytest.importorskip("transformers.models.clip.image_processing_pil_clip")
 dpt_pil = pytest.importorskip("transformers.models.dpt.image_processing_pil_dpt")
 
-from sdort.runtime.image_processor import (  # noqa: E402
+from sdort.runtime.feature_extractors import (  # noqa: E402
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     CLIPImageProcessor,
     DPTImageProcessor,
-    VaeImageProcessor,
-    _torch_nearest_indices,
 )
+from sdort.runtime.image_processor import VaeImageProcessor, _torch_nearest_indices  # noqa: E402
 
 RefVae = diffusers_ip.VaeImageProcessor
 RefClip = clip_pil.CLIPImageProcessorPil
