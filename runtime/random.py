@@ -71,7 +71,6 @@ because Python's ``math`` calls the same libm as torch, and the AVX2 kernel does
 from __future__ import annotations
 
 import math
-import operator
 import os
 import platform
 import secrets
@@ -79,82 +78,25 @@ import threading
 
 import numpy as np
 
+from .philox import PhiloxGenerator, philox4x32_10
+from .rng_common import (
+    DEFAULT_SEED,
+    _F32,
+    _F64,
+    _TWO_PI,
+    _U32,
+    _U64,
+    _as_state_bytes,
+    _cast,
+    _resolve_dtype,
+    _seed_to_uint64,
+    _shape_of,
+)
+
 __all__ = [
     "TorchGenerator", "PhiloxGenerator", "as_generator", "cpu_kernel", "set_num_threads", "philox4x32_10",
     "DEFAULT_SEED", "STATE_SIZE",
 ]
-
-#: The seed of a freshly constructed ``torch.Generator()`` (c10's ``default_rng_seed_val``).
-DEFAULT_SEED = 67280421310721
-
-_U32 = np.uint32
-_U64 = np.uint64
-_F32 = np.float32
-_F64 = np.float64
-_TWO_PI = 2.0 * math.pi
-
-
-# ---------------------------------------------------------------------------------------------
-# dtypes
-# ---------------------------------------------------------------------------------------------
-
-_DTYPE_NAMES = {
-    "float32": "float32", "float": "float32", "f4": "float32",
-    "float64": "float64", "double": "float64", "f8": "float64",
-    "float16": "float16", "half": "float16", "f2": "float16",
-    "bfloat16": "bfloat16",
-}
-
-
-def _bfloat16():
-    try:
-        import ml_dtypes
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("bfloat16 draws need the ml_dtypes package (pip install ml_dtypes)") from exc
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-def _resolve_dtype(dtype):
-    """Return (kind, numpy dtype) with kind one of float32, float64, float16, bfloat16."""
-    if dtype is None:
-        return "float32", np.dtype(_F32)
-    if isinstance(dtype, str):
-        name = dtype.lower().replace("torch.", "").replace("np.", "").replace("numpy.", "")
-        kind = _DTYPE_NAMES.get(name)
-        if kind is None:
-            raise TypeError(f"unsupported dtype {dtype!r}: use float32, float64, float16 or bfloat16")
-        return kind, (_bfloat16() if kind == "bfloat16" else np.dtype(kind))
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        name = getattr(dtype, "__name__", None) or str(dtype)
-        return _resolve_dtype(str(name))
-    if dt.name in ("float32", "float64", "float16", "bfloat16"):
-        return dt.name, dt
-    raise TypeError(f"unsupported dtype {dt}: use float32, float64, float16 or ml_dtypes.bfloat16")
-
-
-def _shape_of(shape):
-    if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)):
-        shape = tuple(shape[0])
-    shape = tuple(operator.index(s) for s in shape)
-    if any(s < 0 for s in shape):
-        raise ValueError(f"negative dimension in shape {shape}")
-    return shape
-
-
-def _seed_to_uint64(seed) -> int:
-    """torch's ``manual_seed`` conversion: an int in [-2**63, 2**64); negatives wrap to uint64."""
-    if isinstance(seed, (bool, np.bool_)):
-        seed = int(seed)
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"seed must be an integer, got {type(seed).__name__}") from None
-    if not -(1 << 63) <= seed < (1 << 64):
-        raise ValueError(f"seed {seed} is outside [-2**63, 2**64) (torch: 'Overflow when unpacking long long')")
-    return seed & 0xFFFFFFFFFFFFFFFF
-
 
 # ---------------------------------------------------------------------------------------------
 # mt19937, as in ATen/core/MT19937RNGEngine.h
@@ -596,12 +538,6 @@ def _box_muller_f64(u: np.ndarray) -> np.ndarray:
     return out
 
 
-def _cast(values: np.ndarray, kind: str, dt: np.dtype) -> np.ndarray:
-    if kind in ("float16", "bfloat16") and values.dtype == _F64:
-        values = values.astype(_F32)  # c10::Half / c10::BFloat16 are constructed from float
-    return values.astype(dt, copy=False)
-
-
 # ---------------------------------------------------------------------------------------------
 # TorchGenerator
 # ---------------------------------------------------------------------------------------------
@@ -615,23 +551,6 @@ _STATE_DTYPE = np.dtype({
     "itemsize": 5056,
 })
 STATE_SIZE = _STATE_DTYPE.itemsize
-
-
-def _as_state_bytes(new_state, size: int) -> np.ndarray:
-    if isinstance(new_state, (bytes, bytearray, memoryview)):
-        arr = np.frombuffer(bytes(new_state), dtype=np.uint8)
-    else:
-        arr = np.asarray(new_state)  # numpy arrays, torch ByteTensors (via __array__), lists
-        if arr.dtype != np.uint8:
-            if arr.dtype.kind in "iu" and arr.size and (arr.min() < 0 or arr.max() > 255):
-                raise TypeError("RNG state must be a uint8 (byte) array")
-            if arr.dtype.kind not in "iu" and arr.size:
-                raise TypeError(f"RNG state must be a uint8 (byte) array, got {arr.dtype}")
-            arr = arr.astype(np.uint8)
-    arr = np.ascontiguousarray(arr).reshape(-1)
-    if arr.size != size:
-        raise ValueError(f"expected an RNG state of {size} bytes, got {arr.size}")
-    return arr
 
 
 class TorchGenerator:
@@ -860,221 +779,6 @@ class TorchGenerator:
 
     def normal(self, *shape, dtype=np.float32) -> np.ndarray:
         """Alias of ``randn``."""
-        return self.randn(*shape, dtype=dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# PhiloxGenerator
-# ---------------------------------------------------------------------------------------------
-
-_PHILOX_M0 = _U64(0xD2511F53)
-_PHILOX_M1 = _U64(0xCD9E8D57)
-_PHILOX_W0 = 0x9E3779B9
-_PHILOX_W1 = 0xBB67AE85
-_SHIFT32 = _U64(32)
-
-
-def philox4x32_10(counter, key):
-    """Philox4x32-10 (Salmon et al., SC'11) on arrays: ``counter`` is four uint32 arrays (or ints),
-    ``key`` two ints. Returns the four output words as uint32 arrays."""
-    c0, c1, c2, c3 = np.broadcast_arrays(*(np.asarray(c, dtype=_U32) for c in counter))
-    # 32-bit words held in uint64 so that the 32x32 -> 64-bit products need no conversions
-    c0, c1, c2, c3 = (c.astype(_U64) for c in (c0, c1, c2, c3))
-    mask = _U64(0xFFFFFFFF)
-    k0, k1 = int(key[0]) & 0xFFFFFFFF, int(key[1]) & 0xFFFFFFFF
-    for r in range(10):
-        if r:
-            k0 = (k0 + _PHILOX_W0) & 0xFFFFFFFF
-            k1 = (k1 + _PHILOX_W1) & 0xFFFFFFFF
-        p0 = c0 * _PHILOX_M0
-        p1 = c2 * _PHILOX_M1
-        hi1 = p1 >> _SHIFT32
-        hi1 ^= c1
-        hi1 ^= _U64(k0)
-        hi0 = p0 >> _SHIFT32
-        hi0 ^= c3
-        hi0 ^= _U64(k1)
-        p1 &= mask
-        p0 &= mask
-        c0, c1, c2, c3 = hi1, p1, hi0, p0
-    return tuple(c.astype(_U32) for c in (c0, c1, c2, c3))
-
-
-_BLOCK_THREADS = 256  # torch's block_size_bound
-_CURAND_2POW32_INV = _F32(2.3283064e-10)
-_CURAND_2POW32_INV_2PI = _F32(_F32(2.3283064e-10) * _F32(6.2831855))
-_CURAND_2POW53_INV = 1.1102230246251565e-16
-
-
-class PhiloxGenerator:
-    """PyTorch's CUDA random generator (``torch.Generator("cuda")``) in numpy.
-
-    ``torch.randn(shape, device="cuda", generator=g)`` runs a grid-stride kernel of 256-thread
-    blocks. Thread ``t`` calls ``curand_init(seed, subsequence=t, offset)``, so its Philox4x32-10
-    counter is ``(offset / 4 + k, t)`` (low and high 64 bits) in its ``k``-th loop iteration, and
-    ``curand_normal4`` turns the four words into four normals with curand's Box-Muller
-    (``sqrt(-2 log u) * (sin v, cos v)`` for each pair of words; float64 uses
-    ``curand_normal2_double``: two normals from four words, with ``sincospi``). The generator's
-    offset then grows by 4 per loop iteration (4 per call for all but huge tensors).
-
-    Layout limit: the grid has ``ceil(numel / 256)`` blocks, capped by the GPU at
-    ``multiProcessorCount * (maxThreadsPerMultiProcessor // 256)`` blocks. Below the cap (numel
-    up to ``multiProcessorCount * maxThreadsPerMultiProcessor``: 221184 on an A100, 125952 on an
-    RTX 3090, 196608 on an RTX 4090; a 1x4x128x128 latent is 65536) element ``i`` is the first
-    normal of thread ``i`` and this class matches torch for any size. For larger tensors pass the
-    GPU's cap as ``max_blocks`` (e.g. ``108 * 8`` for an A100) and the same grid-stride layout is
-    reproduced; with ``max_blocks=None`` the grid is never capped. Tensors of 2**31 elements or
-    more, which torch splits into several launches, are not reproduced.
-
-    Precision: Philox, the uniforms, the counter layout and the offsets are exact. The GPU
-    computes the angle with ``__sincosf`` (a hardware approximation with an absolute error of
-    about 2**-21.4) and ``logf`` within 1 ulp; here they are computed accurately and rounded to
-    float32, so float32 values agree with torch CUDA to about 1e-6 (the bound scales with the
-    value's radius: up to a few 1e-6 for the rare values beyond |x| > 4). float64 agrees to about
-    1e-15. ``rand`` involves no transcendental function and is exact.
-    """
-
-    device = "cuda"
-
-    def __init__(self, seed=None, max_blocks: int | None = None):
-        self._lock = threading.RLock()
-        if max_blocks is not None and int(max_blocks) < 1:
-            raise ValueError("max_blocks must be a positive number of thread blocks")
-        self.max_blocks = None if max_blocks is None else int(max_blocks)
-        self.manual_seed(DEFAULT_SEED if seed is None else seed)
-
-    def manual_seed(self, seed) -> "PhiloxGenerator":
-        """Seed as ``torch.cuda`` generators: the full 64-bit seed is the Philox key; the offset
-        restarts at 0. Returns self."""
-        seed = _seed_to_uint64(seed)
-        with self._lock:
-            self._seed = seed
-            self._offset = 0
-        return self
-
-    def seed(self) -> int:
-        s = secrets.randbits(64)
-        self.manual_seed(s)
-        return s
-
-    def initial_seed(self) -> int:
-        return self._seed
-
-    def get_offset(self) -> int:
-        return self._offset
-
-    def set_offset(self, offset: int) -> "PhiloxGenerator":
-        offset = operator.index(offset)
-        if offset < 0 or offset % 4:
-            raise ValueError("the Philox offset must be a non-negative multiple of 4")
-        self._offset = offset
-        return self
-
-    def get_state(self) -> np.ndarray:
-        """torch's CUDA ``get_state()`` bytes: the seed (uint64) then the offset (int64)."""
-        return np.frombuffer(np.array([self._seed, self._offset], dtype="<u8").tobytes(), dtype=np.uint8).copy()
-
-    def set_state(self, new_state) -> "PhiloxGenerator":
-        arr = _as_state_bytes(new_state, 16)
-        seed, offset = (int(v) for v in arr.view("<u8"))
-        if offset >= 1 << 63:
-            raise ValueError("negative Philox offset in state")
-        with self._lock:
-            self._seed = seed
-            self.set_offset(offset)
-        return self
-
-    def clone(self) -> "PhiloxGenerator":
-        return PhiloxGenerator(max_blocks=self.max_blocks).set_state(self.get_state())
-
-    def __repr__(self) -> str:
-        return f"PhiloxGenerator(initial_seed={self._seed}, offset={self._offset})"
-
-    # -- layout ------------------------------------------------------------------------------
-    def _launch(self, n: int, unroll: int):
-        """Counters for ``n`` outputs: returns (thread, iteration, lane) arrays and the base counter."""
-        grid = -(-n // _BLOCK_THREADS)
-        if self.max_blocks is not None:
-            grid = min(grid, self.max_blocks)
-        stride = _BLOCK_THREADS * grid
-        iters = (n - 1) // (stride * unroll) + 1
-        with self._lock:
-            base = self._offset
-            self._offset += iters * 4  # philox_cuda_state(counter_offset)
-        i = np.arange(n, dtype=np.int64)
-        if stride >= n:  # one element per thread: the usual case
-            zeros = np.zeros(n, dtype=np.int64)
-            return i, zeros, zeros, base // 4
-        q, thread = np.divmod(i, stride)
-        k, lane = np.divmod(q, unroll)
-        return thread, k, lane, base // 4
-
-    def _words4(self, n: int, unroll: int):
-        thread, k, lane, base = self._launch(n, unroll)
-        ctr = k.astype(_U64) + _U64(base)
-        t = thread.astype(_U64)
-        words = philox4x32_10(
-            (ctr.astype(_U32), (ctr >> _SHIFT32).astype(_U32), t.astype(_U32), (t >> _SHIFT32).astype(_U32)),
-            (self._seed & 0xFFFFFFFF, self._seed >> 32))
-        return words, lane
-
-    def randn(self, *shape, dtype=np.float32) -> np.ndarray:
-        """``torch.randn(shape, device="cuda", generator=g, dtype=...)``, computed on the CPU."""
-        shape = _shape_of(shape)
-        kind, dt = _resolve_dtype(dtype)
-        n = math.prod(shape)
-        if n == 0:
-            return np.empty(shape, dt)
-        if kind == "float64":
-            (x0, x1, x2, x3), lane = self._words4(n, 2)
-            zx = x0.astype(_U64) ^ (x1.astype(_U64) << _U64(21))
-            zy = x2.astype(_U64) ^ (x3.astype(_U64) << _U64(21))
-            u = zx.astype(_F64) * _CURAND_2POW53_INV + _CURAND_2POW53_INV / 2.0
-            v = zy.astype(_F64) * (_CURAND_2POW53_INV * 2.0) + _CURAND_2POW53_INV
-            s = np.sqrt(-2.0 * np.log(u))
-            v = np.where(v > 1.0, v - 2.0, v)  # sincospi(v): reduce to [-1, 1] exactly first
-            ang = np.pi * v
-            out = s * np.where(lane == 0, np.sin(ang), np.cos(ang))
-            return (out + 0.0).reshape(shape)
-        (x0, x1, x2, x3), lane = self._words4(n, 4)
-        first = lane < 2
-        a = np.where(first, x0, x2)
-        b = np.where(first, x1, x3)
-        u = (a.astype(_F32).astype(_F64) * _F64(_CURAND_2POW32_INV) + _F64(_CURAND_2POW32_INV) / 2).astype(_F32)
-        v = (b.astype(_F32).astype(_F64) * _F64(_CURAND_2POW32_INV_2PI)
-             + _F64(_CURAND_2POW32_INV_2PI) / 2).astype(_F32)
-        s = np.sqrt(_F32(-2) * np.log(u.astype(_F64)).astype(_F32))
-        v64 = v.astype(_F64)
-        odd = (lane % 2).astype(bool)  # lanes 0, 2: sine; 1, 3: cosine
-        trig = np.sin(v64) if not odd.any() else np.where(odd, np.cos(v64), np.sin(v64))
-        trig = trig.astype(_F32)
-        out = trig * s + _F32(0)
-        return _cast(out, kind, dt).reshape(shape)
-
-    def rand(self, *shape, dtype=np.float32) -> np.ndarray:
-        """``torch.rand(shape, device="cuda", generator=g, dtype=...)``: curand_uniform4 with
-        torch's (0, 1] -> [0, 1) reversal of the upper bound."""
-        shape = _shape_of(shape)
-        kind, dt = _resolve_dtype(dtype)
-        n = math.prod(shape)
-        if n == 0:
-            return np.empty(shape, dt)
-        if kind == "float64":
-            (x0, x1, x2, x3), lane = self._words4(n, 2)
-            lo = np.where(lane == 0, x0, x2).astype(_U64)
-            hi = np.where(lane == 0, x1, x3).astype(_U64)
-            z = lo ^ (hi << _U64(21))
-            out = z.astype(_F64) * _CURAND_2POW53_INV + _CURAND_2POW53_INV / 2.0
-            out[out == 1.0] = 0.0
-            return out.reshape(shape)
-        (x0, x1, x2, x3), lane = self._words4(n, 4)
-        w = np.choose(lane, (x0, x1, x2, x3))
-        u = (w.astype(_F32).astype(_F64) * _F64(_CURAND_2POW32_INV) + _F64(_CURAND_2POW32_INV) / 2).astype(_F32)
-        out = u.astype(dt)
-        out[out == 1] = 0
-        return out.reshape(shape)
-
-    def normal(self, *shape, dtype=np.float32) -> np.ndarray:
         return self.randn(*shape, dtype=dtype)
 
 
