@@ -112,3 +112,19 @@ def test_missing_input_image(tiny_export, tmp_path):
     result = sdort("img2img", "--model", str(tiny_export), "x", "--image", str(tmp_path / "none.png"),
                    "-o", str(tmp_path / "o.png"))
     assert result.returncode == 2 and "--image" in result.stderr
+
+
+def test_scheduler_names_resolve_and_are_listed():
+    from sdort.schedulers import SCHEDULER_NAMES, scheduler_from_name
+    from sdort.schedulers import __all__ as exported
+
+    config = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+              "beta_schedule": "scaled_linear", "steps_offset": 1}
+    for short, (class_name, overrides) in SCHEDULER_NAMES.items():
+        scheduler = scheduler_from_name(short, config)
+        assert type(scheduler).__name__ == class_name
+        assert all(scheduler.config[k] == v for k, v in overrides.items())
+    for class_name in (n for n in exported if n.endswith("Scheduler")):
+        assert type(scheduler_from_name(class_name, config)).__name__ == class_name
+    listing = sdort("schedulers").stdout
+    assert all(short in listing for short in SCHEDULER_NAMES)

@@ -216,3 +216,20 @@ def test_every_scheduler_with_a_seed(sd1, scheduler):
     expected = reference(generator=torch.Generator().manual_seed(11), **kwargs).images
     assert got.std() > 1e-3
     assert np.abs(got - expected).max() <= TOLERANCE
+
+
+def test_concurrent_calls_do_not_share_scheduler_state(sd1):
+    """Two threads generating with one pipeline get what they get alone (state is per call)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdort.runtime import StableDiffusionPipeline
+    from sdort.schedulers import DPMSolverMultistepScheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd1[1], provider="cpu")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    jobs = [dict(prompt="a fox", generator=1, num_inference_steps=5), dict(prompt="a cat", generator=2, num_inference_steps=3)]
+    alone = [pipe(output_type="np", **job).images for job in jobs]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda job: pipe(output_type="np", **job).images, jobs))
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)
