@@ -90,6 +90,11 @@ class OnnxModel:
         if session_options is None:
             # A failing CUDA provider otherwise prints a wall of errors before falling back to the CPU.
             options.log_severity_level = 3
+            # ONNX Runtime's CPU arena keeps every activation buffer it ever grew and fragments over
+            # calls of different shapes: measured on SD 1.5's UNet at 512x512, RSS went 3.5 -> 5.7 ->
+            # 8.1 GB over two calls with it, and stayed at a 6.3 GB peak (3.5 GB between calls)
+            # without it, at the same speed. (CUDA allocations are the CUDA provider's own arena.)
+            options.enable_cpu_mem_arena = False
         cuda_tried = "CUDAExecutionProvider" in providers
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
