@@ -30,6 +30,8 @@ def check_common_inputs(prompt, height, width, num_inference_steps, guidance_sca
     if prompt is not None and not (isinstance(prompt, str) or
                                    (isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt))):
         raise ValueError(f"prompt must be a str or a list of str; got {type(prompt).__name__}")
+    if isinstance(prompt, (list, tuple)) and not prompt:
+        raise ValueError("prompt: the list of prompts is empty")
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise ValueError("negative_prompt and negative_prompt_embeds: pass one of them, not both")
     batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else np.shape(prompt_embeds)[0]
