@@ -123,17 +123,34 @@ def providers() -> list[str]:
     return ["cuda", "cpu"] if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else ["cpu"]
 
 
+def print_table(report: dict) -> None:
+    """The report as a Markdown table; speed-up = diffusers' pipeline time / this engine's."""
+    rows = report["rows"]
+    machine = report["machine"]
+    print(f"{machine['cpu']}, {machine['cores']} cores; {report['steps']} steps; medians in seconds")
+    print("| size | engine | text encoder | UNet step (batch 2) | VAE decoder | pipeline | peak RSS MB | speed-up vs diffusers |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        ref = next((r for r in rows if r["engine"] == "diffusers" and r["size"] == row["size"]), None)
+        ratio = f"{ref['pipeline'] / row['pipeline']:.2f}x" if ref and row is not ref else ""
+        print(f"| {row['size']} | {row['engine']} | {row['text_encoder']:.3f} | {row['unet_step']:.3f} | "
+              f"{row['vae_decoder']:.3f} | {row['pipeline']:.2f} | {row['peak_rss_mb']:.0f} | {ratio} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", type=Path, help="folder written by sd-export")
+    parser.add_argument("model", type=Path, nargs="?", help="folder written by sd-export")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--steps", type=int, default=3, help="denoising steps of the whole-pipeline run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-diffusers", action="store_true", help="skip the diffusers reference")
     parser.add_argument("--out", type=Path, default=Path("bench_pipeline.json"))
+    parser.add_argument("--show", type=Path, help="print the table of a saved JSON report and exit")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.show:
+        return print_table(json.loads(args.show.read_text()))
     if args.engine:
         return worker(args)
 
@@ -148,15 +165,7 @@ def main() -> None:
             print(f"done: {engine} {size}", file=sys.stderr)
     report = {"machine": machine(), "model": str(args.model), "steps": args.steps, "rows": rows}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-
-    print(f"{report['machine']['cpu']}, {report['machine']['cores']} cores; {args.steps} steps; medians in seconds")
-    print("| size | engine | text encoder | UNet step (batch 2) | VAE decoder | pipeline | peak RSS MB | pipeline vs diffusers |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        ref = next((r for r in rows if r["engine"] == "diffusers" and r["size"] == row["size"]), None)
-        ratio = f"{ref['pipeline'] / row['pipeline']:.2f}x faster" if ref and row is not ref else ""
-        print(f"| {row['size']} | {row['engine']} | {row['text_encoder']:.3f} | {row['unet_step']:.3f} | "
-              f"{row['vae_decoder']:.3f} | {row['pipeline']:.2f} | {row['peak_rss_mb']:.0f} | {ratio} |")
+    print_table(report)
 
 
 if __name__ == "__main__":
