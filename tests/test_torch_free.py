@@ -44,3 +44,15 @@ def test_runtime_cli_without_torch(tiny_export, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "boat.png").is_file()
+
+
+def test_runtime_without_onnxruntime_names_the_extras():
+    script = BLOCKER.replace('("torch", "diffusers", "transformers")', '("onnxruntime",)') + textwrap.dedent("""
+        try:
+            import sdort.runtime
+        except ImportError as exc:
+            print("ImportError:", exc)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "sdort[cpu]" in result.stdout and "sdort[cuda]" in result.stdout
