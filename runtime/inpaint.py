@@ -258,14 +258,13 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
                     if name in asked:
                         tensors[name] = state[name]
                 changed = dict(callback_on_step_end(pipe, i, t, tensors) or {})
+                replaced = False
                 for name in ("mask", "masked_image_latents"):
-                    if name in changed and changed[name] is not state[name]:
-                        if in_channels == 9:
-                            raise NotImplementedError(
-                                f"callback_on_step_end: changing '{name}' during the loop is not supported "
-                                f"with a 9-channel UNet")
-                        state[name] = np.asarray(changed[name], dtype=np.float32)
-                    changed.pop(name, None)
+                    if name in changed:
+                        state[name] = np.asarray(changed.pop(name), dtype=np.float32)
+                        replaced = True
+                if replaced and in_channels == 9:  # the next UNet calls read the new channels
+                    changed["conditioning"] = np.concatenate([state["mask"], state["masked_image_latents"]], axis=1)
                 return changed
 
         latents = self.denoise(

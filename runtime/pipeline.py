@@ -295,6 +295,7 @@ class DiffusionPipeline:
         `conditioning` is concatenated to the latents on the channel axis before the UNet
         (inpainting mask and masked image, depth); `after_step(i, t, latents)` may change the
         latents after each step (inpainting with a 4-channel UNet re-imposes the known region).
+        `callback_on_step_end` may return new `latents`, `prompt_embeds` or `conditioning`.
         """
         expected = self.unet.inputs["sample"].shape[1]
         given = latents.shape[1] + (0 if conditioning is None else conditioning.shape[1])
@@ -331,6 +332,8 @@ class DiffusionPipeline:
                 values = {"latents": latents, "prompt_embeds": embeds, "negative_prompt_embeds": negative_prompt_embeds}
                 changed = callback_on_step_end(self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs}) or {}
                 latents = changed.get("latents", latents)
+                if "conditioning" in changed:  # the UNet batch's extra channels, doubled with guidance
+                    conditioning = np.asarray(changed["conditioning"], dtype=np.float32)
                 if "prompt_embeds" in changed:
                     embeds = changed["prompt_embeds"]
                     embeds_on_device = self.unet.to_device("encoder_hidden_states", embeds)

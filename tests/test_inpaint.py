@@ -239,9 +239,19 @@ def test_callback_sees_mask_and_prompt_embeds_path(sd9):
     b = pipe("a cat", generator=1, **kwargs).images
     np.testing.assert_array_equal(a, b)
     assert seen[0] == {"latents": (1, 4, 8, 8), "mask": (2, 1, 8, 8), "masked_image_latents": (2, 4, 8, 8)}
-    with pytest.raises(NotImplementedError, match="callback_on_step_end"):
-        pipe("a cat", callback_on_step_end=lambda p, i, t, d: {"mask": 1 - d["mask"]},
-             callback_on_step_end_tensor_inputs=["mask"], **kwargs)
+
+
+@pytest.mark.parametrize("channels", [9, 4])
+def test_callback_replacing_the_mask_matches_diffusers(models, channels):
+    """A callback that inverts the mask after each step: the next UNet calls (9 channels) or the
+    known-region blend (4 channels) use the new mask, in sdort as in diffusers."""
+    got, expected = run_both(models[channels], seed=4, prompt="a window", image=make_image(), mask_image=make_mask(),
+                             num_inference_steps=4, callback_on_step_end=lambda p, i, t, d: {"mask": 1 - d["mask"]},
+                             callback_on_step_end_tensor_inputs=["mask"])
+    assert np.abs(got - expected).max() <= TOLERANCE
+    plain = ours_for(models[channels])("a window", image=make_image(), mask_image=make_mask(), num_inference_steps=4,
+                                      generator=generators(4, None)[0], output_type="np").images
+    assert np.abs(got - plain).max() > 1e-2, "the callback's mask must change the image"
 
 
 def test_shares_sessions_with_text_to_image(sd9):
