@@ -8,7 +8,6 @@ timesteps must be equal, sigmas equal to float32 rounding, and every intermediat
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import subprocess
@@ -22,6 +21,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import sdort.schedulers as S  # noqa: E402
 from sdort.schedulers import schedule  # noqa: E402
+from scheduler_support import TorchDraws, accepted  # noqa: E402
 
 # diffusers 0.42 converts tensors with np.array(..., copy=False) paths that numpy 2 flags
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -30,16 +30,6 @@ SHAPE = (2, 4, 6, 6)
 STEPS = (1, 2, 10, 25, 50)
 SPACINGS = ("linspace", "leading", "trailing")
 RTOL = 1e-5
-
-
-class TorchDraws:
-    """An sdort generator (``randn(shape, dtype)``) replaying the draws of a seeded torch.Generator."""
-
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def randn(self, shape, dtype=np.float32):
-        return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32).numpy().astype(dtype)
 
 
 def model_fn(x: np.ndarray, t, out_channels: int | None = None) -> np.ndarray:
@@ -64,11 +54,6 @@ def assert_close(ours, ref, what: str):
     scale = max(1.0, float(np.abs(ref).max()))
     err = float(np.abs(ours - ref).max())
     assert err <= RTOL * scale, f"{what}: max abs error {err:.3g} (scale {scale:.3g})"
-
-
-def _accepted(fn, kwargs):
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def run_pair(
@@ -118,7 +103,7 @@ def run_pair(
 
     step_kwargs = dict(step_kwargs or {})
     gen_ref, gen_ours = torch.Generator().manual_seed(seed + 1), TorchDraws(seed + 1)
-    ref_kwargs = _accepted(ref.step, {**step_kwargs, "generator": gen_ref})
+    ref_kwargs = accepted(ref.step, {**step_kwargs, "generator": gen_ref})
     # sdort gets the same arguments whatever the class: extra ones must be accepted
     our_kwargs = {"eta": 0.0, **step_kwargs, "generator": gen_ours}
 

@@ -37,6 +37,7 @@ from sdort.schedulers.edm import EDMDPMSolverMultistepScheduler, EDMEulerSchedul
 from sdort.schedulers.heun import HeunDiscreteScheduler  # noqa: E402
 from sdort.schedulers.kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler  # noqa: E402
 from sdort.schedulers.lms import LMSDiscreteScheduler, lagrange_basis_integral  # noqa: E402
+from scheduler_support import TorchDraws, accepted  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
@@ -66,18 +67,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class TorchDraws:
-    """An sdort generator (``randn(shape, dtype)``) replaying the draws of a seeded torch.Generator."""
-
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
-        self.shapes = []
-
-    def randn(self, shape, dtype=np.float32):
-        self.shapes.append(tuple(shape))
-        return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32).numpy().astype(dtype)
 
 
 def model_fn(x: np.ndarray, t) -> np.ndarray:
@@ -143,11 +132,6 @@ def assert_schedule(ours, ref, exact_timesteps: bool, discrete: bool = True, der
     np.testing.assert_allclose(ours.init_noise_sigma, float(ref.init_noise_sigma), rtol=1e-6)
 
 
-def _accepted(fn, kwargs):
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
 def lms_step_scale(ours, max_order: int = 4) -> float:
     """Largest |c_j d_j| of the LMS step just taken: the magnitude its float32 sum works at.
 
@@ -187,7 +171,7 @@ def run_pair(ours, ref, steps=None, *, begin=0, set_begin=True, set_kwargs=None,
 
     step_kwargs = dict(step_kwargs or {})
     gen_ref, gen_ours = torch.Generator().manual_seed(seed + 1), TorchDraws(seed + 1)
-    ref_kwargs = _accepted(ref.step, {**step_kwargs, "generator": gen_ref})
+    ref_kwargs = accepted(ref.step, {**step_kwargs, "generator": gen_ref})
     # sdort gets the pipeline's arguments whatever the class: extra ones must be accepted
     our_kwargs = {"eta": 0.0, **step_kwargs, "generator": gen_ours}
 

@@ -27,6 +27,7 @@ from sdort.schedulers.dpmsolver_singlestep import DPMSolverSinglestepScheduler  
 from sdort.schedulers.lcm import LCMScheduler  # noqa: E402
 from sdort.schedulers.tcd import TCDScheduler  # noqa: E402
 from sdort.schedulers.unipc import UniPCMultistepScheduler  # noqa: E402
+from scheduler_support import TorchDraws, accepted  # noqa: E402
 
 # diffusers' schedulers mix torch tensors into numpy calls, which numpy 2 warns about
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers")
@@ -63,16 +64,6 @@ SD15_PNDM_CONFIG = {
     "trained_betas": None,
     "clip_sample": False,
 }
-
-
-class TorchDraws:
-    """An sdort generator (``randn(shape, dtype)``) replaying the draws of a seeded torch.Generator."""
-
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def randn(self, shape, dtype=np.float32):
-        return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32).numpy().astype(dtype)
 
 
 @functools.lru_cache(maxsize=8)
@@ -119,11 +110,6 @@ def assert_close(ours, ref, what: str):
     scale = max(1.0, float(np.abs(ref).max()))
     err = float(np.abs(ours.astype(np.float64) - ref).max())
     assert err <= RTOL * scale, f"{what}: max abs error {err:.3g} (scale {scale:.3g})"
-
-
-def accepted(fn, kwargs):
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def run_pair(
