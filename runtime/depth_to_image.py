@@ -16,9 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .feature_extractors import DPTImageProcessor
-from .image_to_image import check_strength
-from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput
-from .text_to_image import check_common_inputs
+from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput, check_common_inputs, check_strength
 
 logger = logging.getLogger("sdort")
 
@@ -240,9 +238,7 @@ class StableDiffusionDepth2ImgPipeline(DiffusionPipeline):
         scheduler = self.fresh_scheduler(self.scheduler)
         scheduler.set_timesteps(num_inference_steps)
         timesteps = self.strength_timesteps(scheduler, num_inference_steps, strength)
-        if len(timesteps) == 0:
-            raise ValueError(f"strength: {strength} with {num_inference_steps} steps leaves no step to run")
-        latents, _, _ = self.noised_image_latents(pixels, total, generator, timesteps[:1], scheduler)
+        latents = self.noised_image_latents(pixels, total, generator, timesteps[:1], scheduler)
         latents = self.denoise(
             latents, timesteps, scheduler, prompt_embeds, negative_prompt_embeds if do_cfg else None, guidance_scale,
             generator=generator, eta=eta, conditioning=depth, callback_on_step_end=callback_on_step_end,

@@ -6,13 +6,13 @@ are the encoded image noised to that point.
 
 from __future__ import annotations
 
-from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
-from .text_to_image import check_common_inputs
-
-
-def check_strength(strength: float) -> None:
-    if not 0 <= strength <= 1:
-        raise ValueError(f"strength must be in [0, 1]; got {strength}")
+from .pipeline import (
+    DiffusionPipeline,
+    StableDiffusionPipelineOutput,
+    check_common_inputs,
+    check_strength,
+    retrieve_timesteps,
+)
 
 
 class StableDiffusionImg2ImgPipeline(DiffusionPipeline):
@@ -56,9 +56,7 @@ class StableDiffusionImg2ImgPipeline(DiffusionPipeline):
         scheduler = self.fresh_scheduler(self.scheduler)
         num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
         timesteps = self.strength_timesteps(scheduler, num_inference_steps, strength)
-        if len(timesteps) == 0:
-            raise ValueError(f"strength: {strength} with {num_inference_steps} steps leaves no step to run")
-        latents, _, _ = self.noised_image_latents(image, total, generator, timesteps[:1], scheduler)
+        latents = self.noised_image_latents(image, total, generator, timesteps[:1], scheduler)
         latents = self.denoise(
             latents, timesteps, scheduler, prompt_embeds, negative_prompt_embeds if do_cfg else None, guidance_scale,
             generator=generator, eta=eta, callback_on_step_end=callback_on_step_end,

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .feature_extractors import CLIPImageProcessor
-from .pipeline import OUTPUT_TYPES, DiffusionPipeline, StableDiffusionPipelineOutput
+from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput, check_generation_inputs
 
 
 def check_variation_inputs(image, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
@@ -25,18 +25,7 @@ def check_variation_inputs(image, height, width, num_inference_steps, guidance_s
         raise ValueError(f"image must be a PIL image, a numpy array or a list of them; got {type(image).__name__}")
     if isinstance(image, list) and not image:
         raise ValueError("image: the list is empty")
-    if height % 8 != 0 or width % 8 != 0:
-        raise ValueError(f"height and width must be multiples of 8; got height={height}, width={width}")
-    if height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive; got height={height}, width={width}")
-    if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an integer >= 1; got {num_inference_steps!r}")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must not be negative; got {guidance_scale}")
-    if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be an integer >= 1; got {num_images_per_prompt!r}")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
+    check_generation_inputs(height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type)
     if not isinstance(callback_steps, (int, np.integer)) or callback_steps <= 0:
         raise ValueError(f"callback_steps must be a positive integer; got {callback_steps!r}")
 

@@ -23,25 +23,19 @@ from PIL import Image
 
 from ..schedulers.noise import randn_tensor
 from .image_processor import VaeImageProcessor
-from .image_to_image import check_strength
-from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
-from .text_to_image import check_common_inputs
+from .pipeline import (
+    DiffusionPipeline,
+    StableDiffusionPipelineOutput,
+    check_common_inputs,
+    check_strength,
+    retrieve_timesteps,
+    tile_to_batch,
+)
 
 # Tensors a `callback_on_step_end` may ask for (diffusers' `_callback_tensor_inputs`).
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
 # Those the shared loop itself hands to callbacks; the mask ones are added here.
 _LOOP_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
-
-
-def _spread(array: np.ndarray, batch: int, name: str) -> np.ndarray:
-    """Repeat a batch of k items (tiled: a, b, a, b) to `batch` items, as diffusers' `.repeat`."""
-    count = array.shape[0]
-    if count == batch:
-        return array
-    if count > batch or batch % count:
-        raise ValueError(f"{name}: {count} given for an effective batch size of {batch} "
-                         f"(batch size = prompts x num_images_per_prompt); it must divide it")
-    return np.concatenate([array] * (batch // count))
 
 
 def _first(generator, count: int):
@@ -173,8 +167,8 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
             raise ValueError(f"mask_image: {mask_condition.shape[0]} masks for {init_image.shape[0]} images; "
                              f"pass one mask, or one per image")
         # Counts that cannot be spread over the batch fail here, before any model runs.
-        _spread(mask_condition, total, "mask_image")
-        _spread(init_image, total, "image")
+        tile_to_batch(mask_condition, total, "mask_image")
+        tile_to_batch(init_image, total, "image")
         latent_hw = tuple(latent_shape[2:])
         latent_channels = latent_shape[1]
         if masked_image_latents is not None:
@@ -183,7 +177,7 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
                 raise ValueError(f"masked_image_latents: expected shape (k, {latent_channels}, {latent_hw[0]}, "
                                  f"{latent_hw[1]}) with k dividing the batch of {total}; "
                                  f"got {masked_image_latents.shape}")
-            _spread(masked_image_latents, total, "masked_image_latents")
+            tile_to_batch(masked_image_latents, total, "masked_image_latents")
 
         do_cfg = guidance_scale > 1
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -201,7 +195,7 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
         noise_dtype = self.unet.inputs["sample"].dtype
         image_latents = None
         if in_channels == 4 or (latents is None and not is_strength_max):
-            image_latents = _spread(self.encode_image(init_image, _first(generator, init_image.shape[0])), total,
+            image_latents = tile_to_batch(self.encode_image(init_image, _first(generator, init_image.shape[0])), total,
                                     "image")
         # Draw 2: the noise (or the given latents, which diffusers then uses as noise at any strength).
         if latents is None:
@@ -219,10 +213,10 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
         if masked_image_latents is None:
             masked_image = init_image * (mask_condition < 0.5)
             masked_image_latents = self.encode_image(masked_image, _first(generator, masked_image.shape[0]))
-        masked_image_latents = _spread(masked_image_latents.astype(np.float32), total, "masked_image_latents")
+        masked_image_latents = tile_to_batch(masked_image_latents.astype(np.float32), total, "masked_image_latents")
         # The mask at latent resolution: torch's nearest-neighbour interpolation.
         mask = self.mask_processor.resize(mask_condition.transpose(0, 2, 3, 1), *latent_hw).transpose(0, 3, 1, 2)
-        mask = _spread(np.ascontiguousarray(mask, dtype=np.float32), total, "mask_image")
+        mask = tile_to_batch(np.ascontiguousarray(mask, dtype=np.float32), total, "mask_image")
 
         if in_channels == 9 and latent_channels + mask.shape[1] + masked_image_latents.shape[1] != 9:
             raise ValueError(f"unet: takes 9 input channels, but latents ({latent_channels}) + mask ({mask.shape[1]}) "

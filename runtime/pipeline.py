@@ -90,6 +90,64 @@ def legacy_scheduler_fixes(scheduler):
     return type(scheduler).from_config({**config, **fixes})
 
 
+def check_generation_inputs(height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type):
+    """The checks every task makes, prompt or not; each error names the parameter."""
+    if height is not None and width is not None and (height % 8 != 0 or width % 8 != 0):
+        raise ValueError(f"height and width must be multiples of 8; got height={height}, width={width}")
+    if height is not None and width is not None and (height <= 0 or width <= 0):
+        raise ValueError(f"height and width must be positive; got height={height}, width={width}")
+    if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1; got {num_inference_steps!r}")
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must not be negative; got {guidance_scale}")
+    if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be an integer >= 1; got {num_images_per_prompt!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
+
+
+def check_common_inputs(prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+                        negative_prompt, prompt_embeds, negative_prompt_embeds, output_type):
+    """The checks every text-conditioned Stable Diffusion task makes (diffusers' `check_inputs` and
+    a few more); each error names the parameter. Returns the prompt batch size."""
+    check_generation_inputs(height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type)
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("prompt and prompt_embeds: pass one of them, not both")
+    if prompt is None and prompt_embeds is None:
+        raise ValueError("prompt: pass a prompt (or prompt_embeds)")
+    if prompt is not None and not (isinstance(prompt, str) or
+                                   (isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt))):
+        raise ValueError(f"prompt must be a str or a list of str; got {type(prompt).__name__}")
+    if isinstance(prompt, (list, tuple)) and not prompt:
+        raise ValueError("prompt: the list of prompts is empty")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError("negative_prompt and negative_prompt_embeds: pass one of them, not both")
+    batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else np.shape(prompt_embeds)[0]
+    if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != batch:
+        raise ValueError(f"negative_prompt: a list of {len(negative_prompt)} for {batch} prompt(s); the lengths must match")
+    if prompt_embeds is not None and negative_prompt_embeds is not None:
+        if np.shape(prompt_embeds) != np.shape(negative_prompt_embeds):
+            raise ValueError(f"negative_prompt_embeds: shape {np.shape(negative_prompt_embeds)} differs from "
+                             f"prompt_embeds {np.shape(prompt_embeds)}")
+    return batch
+
+
+def check_strength(strength: float) -> None:
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength must be in [0, 1]; got {strength}")
+
+
+def tile_to_batch(array: np.ndarray, batch: int, name: str) -> np.ndarray:
+    """Repeat a batch of k items (tiled: a, b, a, b) to `batch` items, as diffusers' `torch.cat([x] * n)`."""
+    count = array.shape[0]
+    if count == batch:
+        return array
+    if count > batch or batch % count:
+        raise ValueError(f"{name}: {count} given for an effective batch size of {batch} "
+                         f"(batch size = prompts x num_images_per_prompt); it must divide it")
+    return np.concatenate([array] * (batch // count))
+
+
 class DiffusionPipeline:
     """Base of sdort's Stable Diffusion pipelines: the loaded parts and the shared denoising machinery."""
 
@@ -240,28 +298,25 @@ class DiffusionPipeline:
         init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
         t_start = max(num_inference_steps - init_timestep, 0)
         scheduler.set_begin_index(t_start * scheduler.order)
-        return scheduler.timesteps[t_start * scheduler.order:]
+        timesteps = scheduler.timesteps[t_start * scheduler.order:]
+        if len(timesteps) == 0:
+            raise ValueError(f"strength: {strength} with {num_inference_steps} steps leaves no step to run")
+        return timesteps
 
-    def noised_image_latents(self, image, batch: int, generator, timestep, scheduler, noise=None):
+    def noised_image_latents(self, image, batch: int, generator, timestep, scheduler) -> np.ndarray:
         """Encode `image` and noise it to `timestep`, as diffusers' img2img `prepare_latents`:
-        images are repeated (tiled) to the batch, noise drawn after the encoder's sample."""
+        images are tiled to the batch (before encoding when each image has its own generator),
+        and the noise is drawn after the encoder's sample."""
         image = np.asarray(image, dtype=np.float32)
         if image.shape[1] == self.vae_decoder.config.get("latent_channels", 4):
             init = image  # already latents
         else:
-            if isinstance(generator, list) and image.shape[0] < batch:
-                if batch % image.shape[0]:
-                    raise ValueError(f"image: cannot spread {image.shape[0]} images over a batch of {batch}")
-                image = np.concatenate([image] * (batch // image.shape[0]))
+            if isinstance(generator, list):
+                image = tile_to_batch(image, batch, "image")
             init = self.encode_image(image, generator)
-        if batch > init.shape[0]:
-            if batch % init.shape[0]:
-                raise ValueError(f"image: cannot spread {init.shape[0]} images over a batch of {batch}")
-            init = np.concatenate([init] * (batch // init.shape[0]))
-        if noise is None:
-            noise = randn_tensor(init.shape, generator=generator, dtype=self.unet.inputs["sample"].dtype)
-        noise = np.asarray(noise, dtype=np.float32)
-        return scheduler.add_noise(init, noise, np.repeat(timestep, batch)), init, noise
+        init = tile_to_batch(init, batch, "image")
+        noise = randn_tensor(init.shape, generator=generator, dtype=self.unet.inputs["sample"].dtype)
+        return scheduler.add_noise(init, noise.astype(np.float32), np.repeat(timestep, batch))
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -309,7 +364,6 @@ class DiffusionPipeline:
         if conditioning is not None and do_cfg:
             conditioning = np.concatenate([conditioning, conditioning])
         step_kwargs = {"generator": generator, "eta": eta}
-        self._num_timesteps = len(timesteps)
         for i, t in enumerate(tqdm(timesteps, **self._progress_bar_config)):
             model_input = np.concatenate([latents, latents]) if do_cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
@@ -318,7 +372,7 @@ class DiffusionPipeline:
             noise_pred = self.unet(
                 sample=model_input, timestep=self._timestep_feed(t, model_input.shape[0]),
                 encoder_hidden_states=embeds_on_device,
-            )["out_sample"].astype(np.float32)
+            )["out_sample"].astype(np.float32, copy=False)
             if do_cfg:
                 noise_uncond, noise_text = np.split(noise_pred, 2)
                 noise_pred = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)

@@ -2,46 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from .pipeline import OUTPUT_TYPES, DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
-
-
-def check_common_inputs(prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-                        negative_prompt, prompt_embeds, negative_prompt_embeds, output_type):
-    """The checks every Stable Diffusion task makes (diffusers' `check_inputs` and a few more);
-    each error names the parameter. Returns the prompt batch size."""
-    if height is not None and width is not None and (height % 8 != 0 or width % 8 != 0):
-        raise ValueError(f"height and width must be multiples of 8; got height={height}, width={width}")
-    if height is not None and width is not None and (height <= 0 or width <= 0):
-        raise ValueError(f"height and width must be positive; got height={height}, width={width}")
-    if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an integer >= 1; got {num_inference_steps!r}")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must not be negative; got {guidance_scale}")
-    if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be an integer >= 1; got {num_images_per_prompt!r}")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
-    if prompt is not None and prompt_embeds is not None:
-        raise ValueError("prompt and prompt_embeds: pass one of them, not both")
-    if prompt is None and prompt_embeds is None:
-        raise ValueError("prompt: pass a prompt (or prompt_embeds)")
-    if prompt is not None and not (isinstance(prompt, str) or
-                                   (isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt))):
-        raise ValueError(f"prompt must be a str or a list of str; got {type(prompt).__name__}")
-    if isinstance(prompt, (list, tuple)) and not prompt:
-        raise ValueError("prompt: the list of prompts is empty")
-    if negative_prompt is not None and negative_prompt_embeds is not None:
-        raise ValueError("negative_prompt and negative_prompt_embeds: pass one of them, not both")
-    batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else np.shape(prompt_embeds)[0]
-    if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != batch:
-        raise ValueError(f"negative_prompt: a list of {len(negative_prompt)} for {batch} prompt(s); the lengths must match")
-    if prompt_embeds is not None and negative_prompt_embeds is not None:
-        if np.shape(prompt_embeds) != np.shape(negative_prompt_embeds):
-            raise ValueError(f"negative_prompt_embeds: shape {np.shape(negative_prompt_embeds)} differs from "
-                             f"prompt_embeds {np.shape(prompt_embeds)}")
-    return batch
+from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput, check_common_inputs, retrieve_timesteps
 
 
 class StableDiffusionPipeline(DiffusionPipeline):
