@@ -370,6 +370,16 @@ class SchedulerMixin:
         """The sdort classes this scheduler's config can be moved to with ``from_config``."""
         return self._get_compatibles()
 
+    def _threshold_sample(self, sample):
+        """diffusers' dynamic thresholding with this scheduler's ratio and max value."""
+        from .schedule import threshold_sample  # schedule.py imports this module: no top-level import
+
+        return threshold_sample(sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+
+    def _check_ready(self) -> None:
+        if getattr(self, "num_inference_steps", None) is None:
+            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 

@@ -33,16 +33,12 @@ from .schedule import (
     make_betas,
     rescale_zero_terminal_snr,
     spaced_timesteps,
-    threshold_sample,
+    int_timestep,
     velocity_vp,
     vp_prediction_to_x0_eps,
 )
 
 DDIMSchedulerOutput = SchedulerOutput
-
-
-def _int_timestep(timestep) -> int:
-    return int(np.asarray(timestep).reshape(-1)[0])
 
 
 class DDIMScheduler(SchedulerMixin):
@@ -117,9 +113,6 @@ class DDIMScheduler(SchedulerMixin):
         beta_prod_t_prev = 1 - alpha_prod_t_prev
         return (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
 
-    def _threshold_sample(self, sample):
-        return threshold_sample(sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-
     def step(
         self,
         model_output,
@@ -140,7 +133,7 @@ class DDIMScheduler(SchedulerMixin):
         work = compute_dtype(model_output, sample)
         eps_in, x_t = model_output.astype(work, copy=False), sample.astype(work, copy=False)
 
-        timestep = _int_timestep(timestep)
+        timestep = int_timestep(timestep)
         # 1. previous timestep t - T // n
         prev_timestep = timestep - self.config.num_train_timesteps // self.num_inference_steps
 

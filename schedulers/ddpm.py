@@ -24,17 +24,13 @@ from .schedule import (
     make_betas,
     rescale_zero_terminal_snr,
     spaced_timesteps,
-    threshold_sample,
+    int_timestep,
     velocity_vp,
     vp_prediction_to_x0_eps,
 )
 
 DDPMSchedulerOutput = SchedulerOutput
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
-
-
-def _int_timestep(timestep) -> int:
-    return int(np.asarray(timestep).reshape(-1)[0])
 
 
 class DDPMScheduler(SchedulerMixin):
@@ -122,7 +118,7 @@ class DDPMScheduler(SchedulerMixin):
 
     def previous_timestep(self, timestep):
         """The timestep after ``timestep`` in ``timesteps`` (-1 after the last), or t - 1 before set_timesteps."""
-        timestep = _int_timestep(timestep)
+        timestep = int_timestep(timestep)
         if self.custom_timesteps or self.num_inference_steps:
             index = int(np.flatnonzero(self.timesteps == timestep)[0])
             return -1 if index == self.timesteps.shape[0] - 1 else int(self.timesteps[index + 1])
@@ -155,9 +151,6 @@ class DDPMScheduler(SchedulerMixin):
         frac = (predicted_variance + 1) / 2
         return frac * max_log + (1 - frac) * min_log
 
-    def _threshold_sample(self, sample):
-        return threshold_sample(sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
         """One reverse step x_t -> x_{t-1}; extra keyword arguments (eta…) are ignored."""
         model_output, sample = np.asarray(model_output), np.asarray(sample)
@@ -165,7 +158,7 @@ class DDPMScheduler(SchedulerMixin):
         work = compute_dtype(model_output, sample)
         model_output, x_t = model_output.astype(work, copy=False), sample.astype(work, copy=False)
 
-        t = _int_timestep(timestep)
+        t = int_timestep(timestep)
         prev_t = self.previous_timestep(t)
 
         predicted_variance = None

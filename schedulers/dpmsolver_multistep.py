@@ -60,7 +60,6 @@ from .schedule import (
     sigmas_from_alphas_cumprod,
     solver_timesteps,
     sqrt_f32,
-    threshold_sample,
 )
 
 ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
@@ -144,9 +143,6 @@ class LogSNRSolverMixin(SchedulerMixin):
         return np.float32(alpha), np.float32(sigma), np.float32(lam)
 
     # ------------------------------------------------------------------ model outputs
-    def _threshold_sample(self, sample):
-        return threshold_sample(sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-
     def _data_prediction(self, model_output, sample):
         """x_0 predicted from the model output at the current step (thresholded if configured).
 
@@ -211,10 +207,6 @@ class LogSNRSolverMixin(SchedulerMixin):
         sigma = broadcast_to_ndim(sigmas[self._step_indices_for(timesteps)], original_samples.ndim)
         alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
         return alpha_t * original_samples + sigma_t * np.asarray(noise)
-
-    def _check_ready(self) -> None:
-        if self.num_inference_steps is None:
-            raise ValueError("num_inference_steps is None: call set_timesteps before step")
 
 
 class DPMCoefficients(NamedTuple):

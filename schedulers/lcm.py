@@ -35,7 +35,6 @@ from .schedule import (
     alphas_from_betas,
     make_betas,
     rescale_zero_terminal_snr,
-    threshold_sample,
     velocity_vp,
     vp_prediction_to_x0_eps,
 )
@@ -127,9 +126,6 @@ class ConsistencySchedulerMixin(SchedulerMixin):
         """No input scaling: returns ``sample``."""
         return sample
 
-    def _threshold_sample(self, sample):
-        return threshold_sample(sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-
     def _alpha_prev(self, prev_timestep: int):
         return self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
 
@@ -144,10 +140,6 @@ class ConsistencySchedulerMixin(SchedulerMixin):
         self.timesteps = np.asarray(timesteps).astype(np.int64)
         self._step_index = None
         self._begin_index = None
-
-    def _check_ready(self) -> None:
-        if self.num_inference_steps is None:
-            raise ValueError("num_inference_steps is None: call set_timesteps before step")
 
     def add_noise(self, original_samples, noise, timesteps):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise."""

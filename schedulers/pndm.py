@@ -16,7 +16,15 @@ from __future__ import annotations
 import numpy as np
 
 from .base import KARRAS_COMPATIBLES, SchedulerMixin, SchedulerOutput, check_option, compute_dtype, register_to_config
-from .schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, add_noise_vp, alphas_from_betas, make_betas, spaced_timesteps
+from .schedule import (
+    BETA_SCHEDULES,
+    TIMESTEP_SPACINGS,
+    add_noise_vp,
+    alphas_from_betas,
+    int_timestep,
+    make_betas,
+    spaced_timesteps,
+)
 
 # Adams-Bashforth coefficients of the linear multistep update, newest model output first,
 # by the number of outputs in the history: e' = sum(c_i * e_i) / d.
@@ -133,7 +141,7 @@ class PNDMScheduler(SchedulerMixin):
         model_output, sample, out_dtype = self._prepare(model_output, sample)
         diff_to_prev = 0 if self.counter % 2 else self.config.num_train_timesteps // self.num_inference_steps // 2
         given_timestep = timestep
-        prev_timestep = _int_timestep(timestep) - diff_to_prev
+        prev_timestep = int_timestep(timestep) - diff_to_prev
         timestep = self.prk_timesteps[self.counter // 4 * 4]
 
         phase = self.counter % 4
@@ -162,7 +170,7 @@ class PNDMScheduler(SchedulerMixin):
                 "(or set skip_prk_steps=True)"
             )
         step_size = self.config.num_train_timesteps // self.num_inference_steps
-        timestep = _int_timestep(timestep)
+        timestep = int_timestep(timestep)
         prev_timestep = timestep - step_size
 
         if self.counter != 1:
@@ -211,10 +219,6 @@ class PNDMScheduler(SchedulerMixin):
     def add_noise(self, original_samples, noise, timesteps):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise."""
         return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
-
-
-def _int_timestep(timestep) -> int:
-    return int(np.asarray(timestep).reshape(-1)[0])
 
 
 def _combine(coefficients, values):

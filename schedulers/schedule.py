@@ -579,3 +579,8 @@ def exponential_sigmas_f32(sigma_min: float, sigma_max: float, num: int) -> np.n
     """
     log_ramp = linspace_f32(math.log(sigma_min), math.log(sigma_max), num)
     return np.exp(log_ramp.astype(np.float64)).astype(np.float32)[::-1].copy()
+
+
+def int_timestep(timestep) -> int:
+    """A timestep given as a Python/numpy scalar or a 1-element array, as an int (discrete schedulers)."""
+    return int(np.asarray(timestep).reshape(-1)[0])
