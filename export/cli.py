@@ -28,7 +28,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         export(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, ExportCheckError) as exc:
-        print(f"sd-export: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, ConnectionError, ExportCheckError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"sd-export: error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,7 @@ interrupted export never leaves a half-written OUT.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -114,6 +115,37 @@ def _write_files(source, tmp: Path, dtype: str, parts_info: dict) -> None:
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete what killed exports of OUT left beside it (`.OUT.partial-PID`, `.OUT.old-PID`).
+
+    SIGKILL runs no cleanup, so the next export of the same OUT does it; folders of exports
+    still running (their PID is alive) are left alone.
+    """
+    for path in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = path.name[len(out.name) + 2:].rpartition("-")
+        if kind in ("partial", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    """rw-r--r-- files and rwxr-xr-x folders (less the umask): onnx writes external data 0600, which a
+    service running as another user could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o755 if path.is_dir() else 0o644) & ~umask)
+
+
 def export(model: str, out, dtype: str = "fp32", overwrite: bool = False, log=print) -> Path:
     """Export MODEL (preset, diffusers folder or Hub id) to the artifact folder OUT."""
     if dtype not in DTYPES:
@@ -123,12 +155,20 @@ def export(model: str, out, dtype: str = "fp32", overwrite: bool = False, log=pr
         raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
     source = load_source(model)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        parts_info = _build(source, tmp, dtype, log)
-        _write_files(source, tmp, dtype, parts_info)
+        try:
+            parts_info = _build(source, tmp, dtype, log)
+            _write_files(source, tmp, dtype, parts_info)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC and "No space left" not in str(exc):
+                raise
+            raise OSError(errno.ENOSPC, f"{out.parent}: no space left on the device while writing the export "
+                                        f"({_folder_size(tmp) / 1e6:.0f} MB written); nothing was kept") from None
+        _ordinary_permissions(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)

@@ -6,7 +6,7 @@ from .image_processor import VaeImageProcessor
 from .image_to_image import StableDiffusionImg2ImgPipeline
 from .image_variation import StableDiffusionImageVariationPipeline
 from .inpaint import StableDiffusionInpaintPipeline
-from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput
+from .pipeline import DiffusionPipeline, NumericalError, StableDiffusionPipelineOutput
 from .random import PhiloxGenerator, TorchGenerator
 from .sessions import OnnxModel
 from .text_to_image import StableDiffusionPipeline
@@ -17,6 +17,7 @@ __all__ = [
     "CLIPTokenizer",
     "DPTImageProcessor",
     "DiffusionPipeline",
+    "NumericalError",
     "OnnxModel",
     "PhiloxGenerator",
     "StableDiffusionDepth2ImgPipeline",

@@ -77,15 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_image(path: str, flag: str):
-    """A PIL image from `path`; a missing or unreadable file names the option."""
-    from PIL import Image, UnidentifiedImageError
+    """An RGB PIL image from `path`, as diffusers' `load_image`: EXIF orientation applied, then
+    converted to RGB (alpha dropped, grey and palette expanded). 16-bit images are scaled to 8 bits
+    first (Pillow's own conversion would clip them to white). A missing, empty, truncated or
+    non-image file is an error naming the option."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
-    if not Path(path).is_file():
+    file = Path(path)
+    if not file.exists():
         raise FileNotFoundError(f"{flag}: {path} not found")
+    if not file.is_file():
+        raise ValueError(f"{flag}: {path} is not a file")
+    if file.stat().st_size == 0:
+        raise ValueError(f"{flag}: {path} is empty")
     try:
-        return Image.open(path).convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{flag}: {path} is not an image ({exc})") from None
+        with Image.open(file) as opened:
+            image = ImageOps.exif_transpose(opened)
+            image.load()  # decode now: a truncated file fails here, not in the middle of a pipeline
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey, as Pillow opens it
+                grey = np.clip(np.asarray(image, dtype=np.float64) / 257, 0, 255).round().astype(np.uint8)
+                image = Image.fromarray(grey)
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"{flag}: {path} is not a readable image ({str(exc).splitlines()[0]})") from None
 
 
 def make_generator(rng: str, seed: int):
@@ -106,16 +120,39 @@ def output_paths(output: str, count: int) -> list[Path]:
 
 
 def save_images(images, paths: list[Path], parameters: dict) -> None:
-    """Write PNGs with the generation parameters as PNG text; each via a temporary file and a rename."""
+    """Write PNGs with the generation parameters as PNG text; each via a temporary file and a rename,
+    so an interrupted or failed write (Ctrl-C, full disk) leaves no partial PNG."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for key, value in parameters.items():
         info.add_text(key, "" if value is None else str(value))
     for image, path in zip(images, paths):
-        tmp = path.with_name(f".{path.name}.partial")
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
+        tmp = _partial(path)
+        try:
+            image.save(tmp, format="PNG", pnginfo=info)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
+def check_writable(paths: list[Path]) -> None:
+    """Fail before generating when an output cannot be written (no folder, a folder in the way,
+    no permission, a read-only disk): the temporary file is created once and removed."""
+    for path in paths:
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"-o/--output: folder {path.parent} does not exist")
+        if path.is_dir():
+            raise ValueError(f"-o/--output: {path} is a folder; give a file name such as {path / 'out.png'}")
+        try:
+            _partial(path).open("wb").close()
+        except OSError as exc:
+            raise ValueError(f"-o/--output: cannot write {path} ({exc.strerror or exc})") from None
+        _partial(path).unlink(missing_ok=True)
 
 
 def task_inputs(args) -> dict:
@@ -128,6 +165,10 @@ def task_inputs(args) -> dict:
     if getattr(args, "mask", None):
         kwargs["mask_image"] = load_image(args.mask, "--mask")
         kwargs["padding_mask_crop"] = args.padding_mask_crop
+        if kwargs["mask_image"].size != kwargs["image"].size:
+            # diffusers would stretch both to one size; from two files that is almost always a mistake
+            (mw, mh), (iw, ih) = kwargs["mask_image"].size, kwargs["image"].size
+            raise ValueError(f"--mask: {args.mask} is {mw}x{mh}, --image is {iw}x{ih}; the mask must have the image's size")
     if getattr(args, "depth_map", None):
         if not Path(args.depth_map).is_file():
             raise FileNotFoundError(f"--depth-map: {args.depth_map} not found")
@@ -142,9 +183,8 @@ def task_inputs(args) -> dict:
 def generate(args) -> int:
     from .. import runtime
 
-    out_dir = Path(args.output).resolve().parent
-    if not out_dir.is_dir():
-        raise FileNotFoundError(f"-o/--output: folder {out_dir} does not exist")
+    paths = output_paths(args.output, args.num_images)
+    check_writable(paths)
     inputs = task_inputs(args)  # read the input files before loading the model
     pipe = getattr(runtime, TASKS[args.command][0]).from_pretrained(args.model, provider=args.provider)
     if args.scheduler:
@@ -182,10 +222,13 @@ def main(argv=None) -> int:
         if args.command == "schedulers":
             return list_schedulers()
         return generate(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError, FloatingPointError) as exc:  # FloatingPointError: sdort's NumericalError
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"sdort: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: outputs are written by rename, so nothing partial is left
+        print("sdort: interrupted; no image written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -16,7 +16,13 @@ import numpy as np
 from PIL import Image
 
 from .feature_extractors import DPTImageProcessor
-from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput, check_common_inputs, check_strength
+from .pipeline import (
+    DiffusionPipeline,
+    StableDiffusionPipelineOutput,
+    check_common_inputs,
+    check_strength,
+    retrieve_timesteps,
+)
 
 logger = logging.getLogger("sdort")
 
@@ -137,20 +143,12 @@ class StableDiffusionDepth2ImgPipeline(DiffusionPipeline):
     optional_parts = ("depth_estimator",)
     # diffusers' depth-to-image pipeline leaves the scheduler config as it is.
     legacy_scheduler_fix = False
+    conditioning_channels = (1,)  # the depth map
 
     def __init__(self, text_encoder, tokenizer, unet, vae_decoder, scheduler, vae_encoder=None,
                  depth_estimator=None, feature_extractor=None, **extra_parts):
         super().__init__(text_encoder, tokenizer, unet, vae_decoder, scheduler, vae_encoder,
                          depth_estimator=depth_estimator, feature_extractor=feature_extractor, **extra_parts)
-        latent_channels = self.vae_decoder.config.get("latent_channels", 4)
-        channels = self.unet.inputs["sample"].shape[1]
-        if not isinstance(channels, int):
-            channels = self.unet.config.get("in_channels")
-        if channels != latent_channels + 1:
-            raise ValueError(
-                f"{type(self).__name__}: the 'unet' part must take {latent_channels + 1} input channels "
-                f"({latent_channels} latent + 1 depth); this model's takes {channels} (not a depth-to-image model)"
-            )
 
     @classmethod
     def from_pretrained(cls, path, provider: str = "auto", session_options=None, **overrides):
@@ -229,14 +227,14 @@ class StableDiffusionDepth2ImgPipeline(DiffusionPipeline):
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
 
-        pixels = self.image_processor.preprocess(image)
+        pixels = self.preprocess_image(image)
         # diffusers sizes the depth map from the input image: its size // vae_scale_factor, which is
         # the latent size of the preprocessed image (rounded down to multiples of the factor).
         latent_size = (pixels.shape[2] // self.vae_scale_factor, pixels.shape[3] // self.vae_scale_factor)
         depth = self.prepare_depth_map(image, depth_map, total, latent_size)
 
         scheduler = self.fresh_scheduler(self.scheduler)
-        scheduler.set_timesteps(num_inference_steps)
+        retrieve_timesteps(scheduler, num_inference_steps)
         timesteps = self.strength_timesteps(scheduler, num_inference_steps, strength)
         latents = self.noised_image_latents(pixels, total, generator, timesteps[:1], scheduler)
         latents = self.denoise(

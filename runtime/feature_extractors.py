@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .image_processor import PIL_INTERPOLATION
+from .model_files import read_json
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -169,8 +170,7 @@ class _PilBackendProcessor:
             path = os.path.join(path, PREPROCESSOR_CONFIG)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{PREPROCESSOR_CONFIG} not found: {path}")
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
+        config = read_json(path)
         config.update(kwargs)
         return cls(**config)
 

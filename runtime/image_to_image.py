@@ -51,7 +51,7 @@ class StableDiffusionImg2ImgPipeline(DiffusionPipeline):
         do_cfg = guidance_scale > 1
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        image = self.image_processor.preprocess(image)
+        image = self.preprocess_image(image)
 
         scheduler = self.fresh_scheduler(self.scheduler)
         num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, timesteps, sigmas)

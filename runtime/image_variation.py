@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .feature_extractors import CLIPImageProcessor
-from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput, check_generation_inputs
+from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput, check_generation_inputs, retrieve_timesteps
 
 
 def check_variation_inputs(image, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
@@ -117,7 +117,7 @@ class StableDiffusionImageVariationPipeline(DiffusionPipeline):
         generator = self.check_generator(generator, total)
 
         scheduler = self.fresh_scheduler(self.scheduler)
-        scheduler.set_timesteps(num_inference_steps)
+        retrieve_timesteps(scheduler, num_inference_steps)
         scheduler.set_begin_index(0)
         timesteps = scheduler.timesteps
         latents = self.prepare_latents(self.latent_shape(total, height, width), generator, latents, scheduler)

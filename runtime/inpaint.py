@@ -49,20 +49,12 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
 
     required_parts = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
     optional_parts = ()
+    conditioning_channels = (0, 5)  # 4-channel UNet, or 9: + mask + masked image latents
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.mask_processor = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
-
-    @property
-    def unet_in_channels(self) -> int:
-        channels = self.unet.config.get("in_channels")
-        if channels is None:
-            channels = self.unet.inputs["sample"].shape[1]
-        if not isinstance(channels, (int, np.integer)):
-            raise ValueError("unet: cannot tell its number of input channels (no config.json, dynamic 'sample' shape)")
-        return int(channels)
 
     # ---- inputs ----------------------------------------------------------------------------
 
@@ -96,12 +88,6 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
             if item.all():
                 raise ValueError(f"mask_image: mask {i} is all white: nothing of the image would be kept; "
                                  f"use StableDiffusionPipeline (text-to-image) to generate a whole image")
-
-    def _preprocess(self, processor, value, name, **kwargs) -> np.ndarray:
-        try:
-            return processor.preprocess(value, **kwargs)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{name}: {exc}") from None
 
     # ---- the call --------------------------------------------------------------------------
 
@@ -140,9 +126,8 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
         batch = check_common_inputs(prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
                                     negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
         in_channels = self.unet_in_channels
-        if in_channels not in (4, 9):
-            raise ValueError(f"unet: an inpainting pipeline needs a UNet with 4 or 9 input channels; "
-                             f"this one has {in_channels}")
+        if in_channels is None:
+            raise ValueError("unet: cannot tell its number of input channels (no config.json, dynamic 'sample' shape)")
         total = batch * num_images_per_prompt
         generator = self.check_generator(generator, total)
         latent_shape = self.latent_shape(total, height, width)
@@ -152,16 +137,16 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
         # The mask first: a bad one fails before any model runs (and before the crop region,
         # which has no meaning for a mask without any white pixel).
         if padding_mask_crop is not None:
-            self.check_mask(self._preprocess(self.mask_processor, mask_image, "mask_image"))
+            self.check_mask(self.preprocess_image(mask_image, "mask_image", self.mask_processor))
             crops_coords = self.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)
             resize_mode = "fill"
         else:
             crops_coords, resize_mode = None, "default"
-        mask_condition = self._preprocess(self.mask_processor, mask_image, "mask_image", height=height, width=width,
-                                          resize_mode=resize_mode, crops_coords=crops_coords)
+        mask_condition = self.preprocess_image(mask_image, "mask_image", self.mask_processor, height=height,
+                                               width=width, resize_mode=resize_mode, crops_coords=crops_coords)
         self.check_mask(mask_condition)
-        init_image = self._preprocess(self.image_processor, image, "image", height=height, width=width,
-                                      resize_mode=resize_mode, crops_coords=crops_coords)
+        init_image = self.preprocess_image(image, "image", height=height, width=width,
+                                           resize_mode=resize_mode, crops_coords=crops_coords)
         # Image and mask of different sizes are both resized to (height, width), as in diffusers.
         if init_image.shape[0] != mask_condition.shape[0] and 1 not in (init_image.shape[0], mask_condition.shape[0]):
             raise ValueError(f"mask_image: {mask_condition.shape[0]} masks for {init_image.shape[0]} images; "

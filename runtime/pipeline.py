@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..schedulers import get_scheduler_class
 from ..schedulers.noise import randn_tensor
 from .image_processor import VaeImageProcessor
 from .random import as_generator
+from .model_files import read_json
 from .sessions import OnnxModel
 from .tokenizer import CLIPTokenizer
 
@@ -40,12 +42,6 @@ class StableDiffusionPipelineOutput:
 
     images: object
     nsfw_content_detected: list | None = None
-
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found")
-    return json.loads(path.read_text())
 
 
 def rescale_noise_cfg(noise_cfg: np.ndarray, noise_pred_text: np.ndarray, guidance_rescale: float) -> np.ndarray:
@@ -66,6 +62,10 @@ def retrieve_timesteps(scheduler, num_inference_steps, timesteps=None, sigmas=No
         if value is not None and name not in inspect.signature(scheduler.set_timesteps).parameters:
             raise ValueError(f"{name}: {type(scheduler).__name__} does not take custom {name}")
     if timesteps is None and sigmas is None:
+        train_steps = scheduler.config.get("num_train_timesteps", 1000)
+        if num_inference_steps > train_steps:
+            raise ValueError(f"num_inference_steps must be at most the scheduler's num_train_timesteps "
+                             f"({train_steps}); got {num_inference_steps}")
         scheduler.set_timesteps(num_inference_steps)
         return num_inference_steps  # not len(timesteps): PNDM repeats one, as diffusers counts
     if timesteps is not None:
@@ -90,14 +90,44 @@ def legacy_scheduler_fixes(scheduler):
     return type(scheduler).from_config({**config, **fixes})
 
 
+class NumericalError(FloatingPointError):
+    """A model part returned NaN or infinity (float16 overflow, broken weights): never a silent black image."""
+
+
+def check_finite(name: str, value) -> None:
+    """A real, finite number for `name`; NaN or infinity would silently poison every pixel."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number; got {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value}")
+
+
+def check_finite_output(array: np.ndarray, part: str, where: str) -> None:
+    """Refuse NaN/inf from a model part, naming the part and the step (see NumericalError)."""
+    if not np.isfinite(array).all():
+        raise NumericalError(f"{part} returned NaN or infinity {where}: the model overflowed (a float16 export? "
+                             f"export with --dtype fp32) or its weights are broken")
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return None
+
+
 def check_generation_inputs(height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type):
     """The checks every task makes, prompt or not; each error names the parameter."""
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise ValueError(f"{name} must be an integer (pixels); got {value!r}")
     if height is not None and width is not None and (height % 8 != 0 or width % 8 != 0):
         raise ValueError(f"height and width must be multiples of 8; got height={height}, width={width}")
     if height is not None and width is not None and (height <= 0 or width <= 0):
         raise ValueError(f"height and width must be positive; got height={height}, width={width}")
     if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an integer >= 1; got {num_inference_steps!r}")
+    check_finite("guidance_scale", guidance_scale)
     if guidance_scale < 0:
         raise ValueError(f"guidance_scale must not be negative; got {guidance_scale}")
     if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
@@ -133,6 +163,7 @@ def check_common_inputs(prompt, height, width, num_inference_steps, guidance_sca
 
 
 def check_strength(strength: float) -> None:
+    check_finite("strength", strength)
     if not 0 <= strength <= 1:
         raise ValueError(f"strength must be in [0, 1]; got {strength}")
 
@@ -148,6 +179,19 @@ def tile_to_batch(array: np.ndarray, batch: int, name: str) -> np.ndarray:
     return np.concatenate([array] * (batch // count))
 
 
+# What a UNet's extra input channels (beyond the latents) say about the task it was trained for.
+UNET_KINDS = {0: "a text-to-image UNet: sdort txt2img or img2img", 5: "an inpainting UNet: sdort inpaint",
+              1: "a depth-to-image UNet: sdort depth2img"}
+
+
+def unet_in_channels(unet) -> int | None:
+    """The UNet's input channels: its config's `in_channels`, else the session's static shape."""
+    channels = unet.config.get("in_channels")
+    if channels is None:
+        channels = unet.inputs["sample"].shape[1]
+    return int(channels) if isinstance(channels, (int, np.integer)) else None
+
+
 class DiffusionPipeline:
     """Base of sdort's Stable Diffusion pipelines: the loaded parts and the shared denoising machinery."""
 
@@ -157,6 +201,9 @@ class DiffusionPipeline:
     # diffusers' text-conditioned SD pipelines correct old scheduler configs when built; the
     # depth and image-variation pipelines do not.
     legacy_scheduler_fix = True
+    # Channels the task concatenates to the latents before the UNet, one entry per UNet kind it
+    # accepts (inpainting: none for a 4-channel UNet, mask + masked image for a 9-channel one).
+    conditioning_channels = (0,)
 
     def __init__(self, text_encoder, tokenizer, unet, vae_decoder, scheduler, vae_encoder=None, **extra_parts):
         self.text_encoder = text_encoder
@@ -175,6 +222,19 @@ class DiffusionPipeline:
         for name in self.required_parts:
             if getattr(self, name, None) is None:
                 raise ValueError(f"{type(self).__name__} needs the '{name}' part")
+        self.unet_in_channels = unet_in_channels(unet)
+        self.check_unet_kind()
+
+    def check_unet_kind(self) -> None:
+        """Refuse a UNet made for another task (a 9-channel inpainting UNet for text-to-image, ...)."""
+        latent_channels = self.vae_decoder.config.get("latent_channels", 4)
+        accepted = [latent_channels + extra for extra in self.conditioning_channels]
+        channels = self.unet_in_channels
+        if channels is None or channels in accepted:
+            return
+        kind = UNET_KINDS.get(channels - latent_channels, "a UNet of unknown kind")
+        raise ValueError(f"'unet': this model's UNet takes {channels} input channels ({kind}); "
+                         f"{type(self).__name__} needs a UNet with {' or '.join(map(str, accepted))} input channels")
 
     @property
     def components(self) -> dict:
@@ -192,7 +252,19 @@ class DiffusionPipeline:
             raise FileNotFoundError(f"{path}: no such model folder")
         if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
             raise FileNotFoundError(f"{path}: not an exported model (no model_index.json)")
+        if (path / "model_index.json").is_file():
+            read_json(path / "model_index.json")  # a malformed index names itself, not a later symptom
+        # The small files first, so that a bad config fails before the sessions take their time.
         parts = {}
+        if "tokenizer" not in overrides:
+            parts["tokenizer"] = CLIPTokenizer.from_pretrained(path / "tokenizer")
+        if "scheduler" not in overrides:
+            config_path = path / "scheduler" / "scheduler_config.json"
+            config = read_json(config_path)
+            try:
+                parts["scheduler"] = get_scheduler_class(config.get("_class_name", "PNDMScheduler")).from_config(config)
+            except ValueError as exc:
+                raise ValueError(f"{config_path}: {exc}") from None
         for name in cls.required_parts + cls.optional_parts:
             if name in overrides:
                 continue
@@ -202,11 +274,6 @@ class DiffusionPipeline:
                     raise FileNotFoundError(f"{model_file}: the '{name}' part is missing")
                 continue
             parts[name] = OnnxModel(model_file, provider=provider, name=name, session_options=session_options)
-        if "tokenizer" not in overrides:
-            parts["tokenizer"] = CLIPTokenizer.from_pretrained(path / "tokenizer")
-        if "scheduler" not in overrides:
-            config = read_json(path / "scheduler" / "scheduler_config.json")
-            parts["scheduler"] = get_scheduler_class(config.get("_class_name", "PNDMScheduler")).from_config(config)
         parts.update(overrides)
         return cls(**parts)
 
@@ -243,11 +310,45 @@ class DiffusionPipeline:
             negative_prompt_embeds = np.repeat(np.asarray(negative_prompt_embeds, np.float32), num_images_per_prompt, 0)
         return prompt_embeds, negative_prompt_embeds
 
+    # ---- images --------------------------------------------------------------------------
+
+    def preprocess_image(self, value, name: str = "image", processor=None, **kwargs) -> np.ndarray:
+        """`processor.preprocess(value)` (the VAE image processor by default); errors name the parameter.
+
+        A PIL image for the VAE must be RGB: diffusers would take an RGBA one for 4-channel latents
+        and fail deep inside the VAE on a greyscale or palette one.
+        """
+        processor = processor or self.image_processor
+        if not (processor.config.do_convert_rgb or processor.config.do_convert_grayscale):
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, Image.Image) and item.mode != "RGB":
+                    raise ValueError(f"{name}: a PIL image of mode {item.mode}; the VAE takes RGB images "
+                                     f"(pass image.convert('RGB'))")
+        try:
+            return processor.preprocess(value, **kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{name}: {exc}") from None
+
     # ---- latents -------------------------------------------------------------------------
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple:
+        self.check_fits_in_memory(batch, height, width)
         channels = self.vae_decoder.config.get("latent_channels", 4)
         return (batch, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+    def check_fits_in_memory(self, batch: int, height: int, width: int) -> None:
+        """Refuse, before anything is allocated, an image size whose decoding cannot fit in memory.
+
+        The estimate is a lower bound: the VAE decoder's last block holds at least three float32
+        activations of `block_out_channels[0]` channels at full resolution (128 for SD: 0.4 GB at
+        512x512), so a size above the machine's physical memory can only end in an out-of-memory kill.
+        """
+        channels = min(self.vae_decoder.config.get("block_out_channels", [128]))
+        needed = 3 * 4 * channels * batch * height * width
+        available = _memory_bytes()
+        if available is not None and needed > available:
+            raise ValueError(f"height and width: {height}x{width} (batch {batch}) needs at least {needed / 1e9:.1f} GB "
+                             f"to decode, more than this machine's {available / 1e9:.1f} GB of memory")
 
     def prepare_latents(self, shape, generator, latents, scheduler) -> np.ndarray:
         """Initial noise drawn from `generator` (or the given `latents`), times the scheduler's init sigma.
@@ -281,15 +382,21 @@ class DiffusionPipeline:
         scaling = np.float32(self.vae_decoder.config.get("scaling_factor", 0.18215))
         if isinstance(generator, list):
             return np.concatenate([self.encode_image(image[i:i + 1], g) for i, g in enumerate(generator)])
-        params = self.vae_encoder(sample=image)
-        params = next(iter(params.values())).astype(np.float32)
-        if params.shape[1] != 2 * self.vae_decoder.config.get("latent_channels", 4):
-            return params * scaling  # an older export that samples inside the graph
+        outputs = self.vae_encoder(sample=image)
+        params = outputs.get("latent_parameters", next(iter(outputs.values()))).astype(np.float32)
+        channels = self.vae_decoder.config.get("latent_channels", 4)
+        # diffusers draws this noise from `generator` whatever the graph does with it (below).
+        noise = randn_tensor((params.shape[0], channels, *params.shape[2:]), generator=generator,
+                             dtype=self.unet.inputs["sample"].dtype).astype(np.float32)
+        if params.shape[1] != 2 * channels:
+            # `latent_sample` (Optimum before 1.23): sampled inside the graph by ONNX Runtime's own
+            # random op. The draw above is discarded, so the generator is where diffusers' is and
+            # the noise drawn next (img2img, inpaint) is the same.
+            return params * scaling
         # DiagonalGaussianDistribution: logvar clamped to [-30, 20], sample = mean + std * noise
         mean, logvar = np.split(params, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-        noise = randn_tensor(mean.shape, generator=generator, dtype=self.unet.inputs["sample"].dtype)
-        return (mean + std * noise.astype(np.float32)) * scaling
+        return (mean + std * noise) * scaling
 
     @staticmethod
     def strength_timesteps(scheduler, num_inference_steps: int, strength: float):
@@ -311,6 +418,10 @@ class DiffusionPipeline:
         if image.shape[1] == self.vae_decoder.config.get("latent_channels", 4):
             init = image  # already latents
         else:
+            if image.shape[1] != 3:
+                raise ValueError(f"image: a {image.shape[1]}-channel image cannot be encoded, the VAE takes RGB "
+                                 f"(for a PIL image with alpha, grey levels or a palette: image.convert('RGB'))")
+            self.check_fits_in_memory(batch, image.shape[2], image.shape[3])
             if isinstance(generator, list):
                 image = tile_to_batch(image, batch, "image")
             init = self.encode_image(image, generator)
@@ -357,6 +468,7 @@ class DiffusionPipeline:
         if isinstance(expected, int) and expected != given:
             raise ValueError(f"unet: this UNet takes {expected} input channels, the {type(self).__name__} task gives "
                              f"{given}; a {expected}-channel model needs its own task (inpaint: 9, depth2img: 5)")
+        check_finite("eta", eta)
         do_cfg = negative_prompt_embeds is not None
         embeds = np.concatenate([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
         # Constant over all steps: placed on the session's device once.
@@ -373,6 +485,7 @@ class DiffusionPipeline:
                 sample=model_input, timestep=self._timestep_feed(t, model_input.shape[0]),
                 encoder_hidden_states=embeds_on_device,
             )["out_sample"].astype(np.float32, copy=False)
+            check_finite_output(noise_pred, "unet", f"at step {i + 1} of {len(timesteps)} (timestep {t})")
             if do_cfg:
                 noise_uncond, noise_text = np.split(noise_pred, 2)
                 noise_pred = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)
@@ -398,7 +511,9 @@ class DiffusionPipeline:
         if output_type == "latent":
             return latents
         scaling = self.vae_decoder.config.get("scaling_factor", 0.18215)
+        check_finite_output(latents, "the denoising loop", "in the final latents")
         image = self.vae_decoder(latent_sample=latents / np.float32(scaling))["sample"].astype(np.float32)
+        check_finite_output(image, "vae_decoder", "when decoding the latents")
         return self.image_processor.postprocess(image, output_type=output_type)
 
     @staticmethod

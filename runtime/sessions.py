@@ -9,7 +9,6 @@ text embeddings, constant over all denoising steps) stays there between calls.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ except ImportError:  # one clear message instead of a traceback deep inside a pi
         "sdort.runtime needs ONNX Runtime: install sdort[cpu] (onnxruntime) or sdort[cuda] (onnxruntime-gpu)"
     ) from None
 
+from .model_files import check_model_file, read_json
+
 logger = logging.getLogger("sdort")
 
 _ORT_TYPES = {
@@ -35,6 +36,10 @@ _ORT_TYPES = {
     "tensor(uint8)": np.uint8,
 }
 PROVIDERS = ("auto", "cpu", "cuda")
+# ONNX Runtime's exceptions for a model file it cannot load (all plain `Exception` subclasses).
+_LOAD_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name) for name in
+                     ("Fail", "InvalidProtobuf", "InvalidGraph", "NoSuchFile", "InvalidArgument", "NotImplemented")
+                     if hasattr(ort.capi.onnxruntime_pybind11_state, name))
 _warned_cpu_fallback = False
 
 
@@ -95,14 +100,20 @@ class OnnxModel:
             # 8.1 GB over two calls with it, and stayed at a 6.3 GB peak (3.5 GB between calls)
             # without it, at the same speed. (CUDA allocations are the CUDA provider's own arena.)
             options.enable_cpu_mem_arena = False
+        check_model_file(path)  # before ONNX Runtime reads it: a corrupt file, weights outside the folder
         cuda_tried = "CUDAExecutionProvider" in providers
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        except Exception:
-            if provider != "auto" or not cuda_tried:
-                raise
-            # Some onnxruntime-gpu builds raise instead of falling back when CUDA cannot start.
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+            try:
+                self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            except Exception:
+                if provider != "auto" or not cuda_tried:
+                    raise
+                # Some onnxruntime-gpu builds raise instead of falling back when CUDA cannot start.
+                self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        except _LOAD_ERRORS as exc:
+            # ONNX Runtime's own errors for a model it cannot load: one line naming the file.
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"{path}: ONNX Runtime cannot load the '{self.name}' model: {detail}") from None
         active = self.session.get_providers()
         if provider == "cuda" and "CUDAExecutionProvider" not in active:
             raise RuntimeError(f"{self.name}: ONNX Runtime could not create the CUDA provider")
@@ -114,7 +125,7 @@ class OnnxModel:
         self.device = "cuda" if "CUDAExecutionProvider" in active else "cpu"
         # The part's config.json (diffusers/transformers config), where the export wrote one.
         config_path = path.parent / "config.json"
-        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.config = read_json(config_path) if config_path.is_file() else {}
         self.inputs = {node.name: _spec(node) for node in self.session.get_inputs()}
         self.outputs = {node.name: _spec(node) for node in self.session.get_outputs()}
 
@@ -135,7 +146,9 @@ class OnnxModel:
         )
         if not fits:
             raise ValueError(f"{self.name}: input {spec.describe()} does not accept shape {list(value.shape)}")
-        return np.ascontiguousarray(value, dtype=spec.dtype)
+        # Not np.ascontiguousarray: it turns a 0-d array into shape [1], and IO binding does not
+        # check ranks, so a rank-0 timestep (Optimum's UNet) would reach the graph as [1].
+        return np.asarray(value, dtype=spec.dtype, order="C")
 
     def to_device(self, name: str, value):
         """Place an input on the session's device once, for reuse over many calls."""

@@ -31,7 +31,6 @@ precedence: special_tokens_map.json overrides the config unless the config has a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -40,6 +39,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
+
+from .model_files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +90,6 @@ def _as_token(value: Any) -> str | AddedToken | None:
     raise TypeError(f"unsupported special token value {value!r}")
 
 
-def _read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 class CLIPTokenizer:
     """CLIP BPE tokenizer with transformers' ``CLIPTokenizer`` behaviour, returning numpy arrays.
 
@@ -124,7 +120,7 @@ class CLIPTokenizer:
         name_or_path: str = "",
     ):
         if isinstance(vocab, (str, os.PathLike)):
-            vocab = _read_json(Path(vocab))
+            vocab = read_json(Path(vocab))
         if isinstance(merges, (str, os.PathLike)):
             merges = _read_merges(Path(merges))
         if padding_side not in ("right", "left") or truncation_side not in ("right", "left"):
@@ -224,12 +220,12 @@ class CLIPTokenizer:
 
         config: dict[str, Any] = {}
         if (folder / TOKENIZER_CONFIG_FILE).is_file():
-            config = _read_json(folder / TOKENIZER_CONFIG_FILE)
+            config = read_json(folder / TOKENIZER_CONFIG_FILE)
 
         # vocabulary and merges: tokenizer.json first (as transformers), else vocab.json + merges.txt
         json_added: list[dict] | None = None
         if (folder / TOKENIZER_FILE).is_file():
-            tok_json = _read_json(folder / TOKENIZER_FILE)
+            tok_json = read_json(folder / TOKENIZER_FILE)
             model = tok_json.get("model", {})
             if model.get("type", "BPE") != "BPE" or "vocab" not in model or "merges" not in model:
                 raise ValueError(f"{folder / TOKENIZER_FILE} does not hold a BPE model")
@@ -240,7 +236,7 @@ class CLIPTokenizer:
             for name in (VOCAB_FILE, MERGES_FILE):
                 if not (folder / name).is_file():
                     raise FileNotFoundError(f"{name} not found in tokenizer folder {folder}")
-            vocab = _read_json(folder / VOCAB_FILE)
+            vocab = read_json(folder / VOCAB_FILE)
             merges = _read_merges(folder / MERGES_FILE)
 
         # special tokens and added tokens, with transformers' precedence
@@ -252,7 +248,7 @@ class CLIPTokenizer:
                 added_decoder[int(idx)] = spec if isinstance(spec, AddedToken) else _added_token(spec)
         else:
             if (folder / SPECIAL_TOKENS_MAP_FILE).is_file():
-                for key, value in _read_json(folder / SPECIAL_TOKENS_MAP_FILE).items():
+                for key, value in read_json(folder / SPECIAL_TOKENS_MAP_FILE).items():
                     if key in ("additional_special_tokens", "extra_special_tokens"):
                         if isinstance(value, list):
                             merged = list(extra)
@@ -267,7 +263,7 @@ class CLIPTokenizer:
                         values[key] = value
             if (folder / ADDED_TOKENS_FILE).is_file():
                 special_contents = {str(_as_token(v)) for v in values.values() if v} | {str(_as_token(v)) for v in extra}
-                for content, idx in _read_json(folder / ADDED_TOKENS_FILE).items():
+                for content, idx in read_json(folder / ADDED_TOKENS_FILE).items():
                     is_special = content in special_contents
                     added_decoder[int(idx)] = AddedToken(
                         content, rstrip=False, lstrip=False, normalized=not is_special, special=is_special
