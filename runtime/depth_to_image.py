@@ -149,6 +149,7 @@ class StableDiffusionDepth2ImgPipeline(DiffusionPipeline):
                  depth_estimator=None, feature_extractor=None, **extra_parts):
         super().__init__(text_encoder, tokenizer, unet, vae_decoder, scheduler, vae_encoder,
                          depth_estimator=depth_estimator, feature_extractor=feature_extractor, **extra_parts)
+        self.check_unet_kind()  # a depth pipeline is never useful without a depth UNet
 
     @classmethod
     def from_pretrained(cls, path, provider: str = "auto", session_options=None, **overrides):

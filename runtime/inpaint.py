@@ -125,6 +125,7 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
         check_strength(strength)
         batch = check_common_inputs(prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
                                     negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
+        self.check_unet_kind()
         in_channels = self.unet_in_channels
         if in_channels is None:
             raise ValueError("unet: cannot tell its number of input channels (no config.json, dynamic 'sample' shape)")

@@ -223,10 +223,12 @@ class DiffusionPipeline:
             if getattr(self, name, None) is None:
                 raise ValueError(f"{type(self).__name__} needs the '{name}' part")
         self.unet_in_channels = unet_in_channels(unet)
-        self.check_unet_kind()
 
     def check_unet_kind(self) -> None:
-        """Refuse a UNet made for another task (a 9-channel inpainting UNet for text-to-image, ...)."""
+        """Refuse a UNet made for another task (a 9-channel inpainting UNet for text-to-image, ...).
+
+        Called when a folder is loaded for a task; pipelines built from another's `components` are
+        checked when called, as diffusers lets them be built."""
         latent_channels = self.vae_decoder.config.get("latent_channels", 4)
         accepted = [latent_channels + extra for extra in self.conditioning_channels]
         channels = self.unet_in_channels
@@ -275,7 +277,9 @@ class DiffusionPipeline:
                 continue
             parts[name] = OnnxModel(model_file, provider=provider, name=name, session_options=session_options)
         parts.update(overrides)
-        return cls(**parts)
+        pipe = cls(**parts)
+        pipe.check_unet_kind()
+        return pipe
 
     def set_progress_bar_config(self, **kwargs):
         """As diffusers: e.g. `pipe.set_progress_bar_config(disable=True)`."""

@@ -1,0 +1,286 @@
+"""Models exported by Optimum's own exporter (`optimum-cli export onnx`) run in sdort and match diffusers.
+
+Claim: a tiny SD 1 model saved by diffusers and exported with Optimum gives, in sdort, the images
+diffusers gives from the same folder, seeds and inputs, within 1e-3 max abs on [0, 1] (fp32), for
+text-to-image, image-to-image and inpainting (an ordinary 4-channel UNet, which diffusers' inpaint
+pipeline accepts).
+
+What was found (Optimum 2.1 / optimum-onnx 0.1.0, the pins below):
+
+- Optimum's graphs declare other IO forms than sdort's: `input_ids` int64 (sdort: int32), the
+  UNet's `timestep` a rank-0 float (sdort: [batch]); the VAE encoder outputs `latent_parameters`
+  (mean and logvar; sampled in numpy with the pipeline's generator, exactly as diffusers samples).
+  Optimum up to 1.22 traced `latent_dist.sample()` instead: an output `latent_sample` drawn inside
+  the graph by ONNX Runtime's random op (see test_io_forms.py for what parity that form allows).
+- The first denoising step failed with "Attempting to broadcast an axis by a dimension other than
+  1. 2 by 16" in '/time_proj/Mul'. The graph is right: it unsqueezes the rank-0 timestep to [1]
+  and expands it to the batch read from `sample`'s shape (the batch is dynamic, not traced), then
+  time_proj multiplies [B, 1] by its [1, 16] frequencies. sdort did pass a 0-d timestep, but its
+  session wrapper cast inputs with `np.ascontiguousarray`, which returns at least one dimension:
+  the timestep reached the graph as [1] (IO binding does not check ranks), the Unsqueeze made
+  [1, 1], the Expand [1, B], time_proj [1, 1, B] against [1, 16]. Fixed in
+  `OnnxModel.prepare` (sessions.py), which keeps 0-d arrays 0-d.
+- Optimum 2.1 runs on transformers 4.57, which cannot read what transformers 5 saves: the CLIP text
+  encoder's weights without the `text_model.` prefix (transformers 4 loads them as *random*
+  weights, with only a warning) and a tokenizer folder with tokenizer.json alone. The fixture
+  writes the folder as Hub checkpoints are laid out (prefixed keys, vocab.json and merges.txt),
+  which both transformers versions read as the same weights.
+
+The Optimum tool chain lives in its own virtual environment (it pins an older transformers than
+sdort's tests use), created on first use under ~/.cache/sdort-tests/ (or $SDORT_TEST_CACHE), in a
+folder named after the pins below, and reused afterwards. Creating it needs PyPI once; where it
+cannot be created the tests fail and say why. SDORT_SKIP_OPTIMUM=1 skips them instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TOKENIZER_DIR, tiny_components
+
+TOLERANCE = 1e-3
+
+# The Optimum tool chain, pinned in one place. torch is installed first, alone, and held by a
+# constraint: pip left to choose would pull a multi-GB CUDA build. transformers, diffusers and
+# huggingface_hub are the newest that optimum-onnx 0.1.0 (optimum 2.1) resolves to.
+OPTIMUM_TORCH = "torch==2.13.0"
+OPTIMUM_PINS = (
+    "optimum-onnx[onnxruntime]==0.1.0",
+    "optimum==2.1.0",
+    "transformers==4.57.6",
+    "diffusers==0.39.0",
+    "huggingface_hub==0.36.2",
+    "onnx==1.23.2",
+    "onnxruntime==1.32.0",
+)
+PIP_TIMEOUT_S = 1800
+EXPORT_TIMEOUT_S = 600
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("SDORT_TEST_CACHE") or Path.home() / ".cache" / "sdort-tests")
+
+
+def _venv_key() -> str:
+    text = "\n".join([f"python {sys.version_info[0]}.{sys.version_info[1]}", OPTIMUM_TORCH, *OPTIMUM_PINS])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _run(command, log, timeout, **kwargs):
+    """Run `command`, appending its output to `log`; returns the exit code (124 on timeout)."""
+    with open(log, "a") as out:
+        out.write(f"\n$ {' '.join(map(str, command))}\n")
+        out.flush()
+        try:
+            return subprocess.run([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, timeout=timeout, **kwargs).returncode
+        except subprocess.TimeoutExpired:
+            out.write(f"\n(timed out after {timeout} s)\n")
+            return 124
+
+
+def _tail(log: Path, lines: int = 25) -> str:
+    text = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    return "\n".join([line for line in text if "is ignored: it is neither" not in line][-lines:])
+
+
+def optimum_venv() -> Path:
+    """The cached virtual environment with Optimum's exporter; created here when missing."""
+    root = _cache_root()
+    venv = root / f"optimum-venv-{_venv_key()}"
+    done = venv / ".sdort-complete"
+    if done.is_file():
+        return venv
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{venv.name}.lock", "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others then reuse its venv
+        except ImportError:  # not POSIX: no lock
+            pass
+        if done.is_file():
+            return venv
+        shutil.rmtree(venv, ignore_errors=True)  # a half-built one from an interrupted run
+        log = root / f"{venv.name}.log"
+        log.write_text("")
+        python = venv / "bin" / "python"
+        constraints = root / f"{venv.name}.constraints.txt"
+        constraints.write_text(OPTIMUM_TORCH + "\n")
+        pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
+        steps = [
+            [sys.executable, "-m", "venv", venv],
+            [*pip, OPTIMUM_TORCH],
+            [*pip, "-c", constraints, *OPTIMUM_PINS],
+            [python, "-c", "import optimum.exporters.onnx, torch; assert torch.__version__.startswith('2.13.0')"],
+        ]
+        for step in steps:
+            code = _run(step, log, PIP_TIMEOUT_S)
+            if code != 0:
+                pytest.fail(
+                    f"Could not build the Optimum virtual environment at {venv} (exit code {code} from "
+                    f"`{' '.join(map(str, step[:4]))} ...`; log: {log}). These tests export a model with "
+                    f"Optimum, whose packages ({', '.join(OPTIMUM_PINS)}) come from PyPI on first use and "
+                    f"are cached afterwards. Give this machine PyPI access once, or set SDORT_SKIP_OPTIMUM=1 "
+                    f"to skip them.\n--- last lines of the log ---\n{_tail(log)}",
+                    pytrace=False,
+                )
+        done.write_text(json.dumps({"torch": OPTIMUM_TORCH, "pins": OPTIMUM_PINS}) + "\n")
+    return venv
+
+
+def save_hub_layout(folder: Path) -> None:
+    """Rewrite what transformers 5 saved into the layout of Hub checkpoints, which transformers 4 reads.
+
+    transformers 5 saves CLIPTextModel's weights without the `text_model.` prefix and the
+    tokenizer as tokenizer.json alone; transformers 4 would load the text encoder with random
+    weights (a warning only) and cannot build the slow CLIPTokenizer that model_index.json names.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    weights = folder / "text_encoder" / "model.safetensors"
+    tensors = load_file(weights)
+    if not all(name.startswith("text_model.") for name in tensors):
+        save_file({name if name.startswith("text_model.") else f"text_model.{name}": value
+                   for name, value in tensors.items()}, weights, metadata={"format": "pt"})
+    for name in ("vocab.json", "merges.txt"):
+        if not (folder / "tokenizer" / name).is_file():
+            shutil.copy(TOKENIZER_DIR / name, folder / "tokenizer" / name)
+
+
+@pytest.fixture(scope="session")
+def optimum_sd1(tmp_path_factory):
+    """(diffusers pipeline, Optimum export dir): conftest's tiny SD 1 parts saved by diffusers,
+    read back by diffusers as the reference and exported by `optimum-cli export onnx`."""
+    if os.environ.get("SDORT_SKIP_OPTIMUM") == "1":
+        pytest.skip("SDORT_SKIP_OPTIMUM=1: the Optimum export tests are skipped")
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    venv = optimum_venv()
+    folder = tmp_path_factory.mktemp("optimum")
+    source = folder / "diffusers"
+    components = tiny_components()
+    StableDiffusionPipeline(**components).save_pretrained(source)
+    save_hub_layout(source)
+    reference = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    # the rewritten text encoder is still the one built (transformers 5 reads the prefixed keys)
+    built = components["text_encoder"].state_dict()
+    assert all(torch.equal(value, built[name]) for name, value in reference.text_encoder.state_dict().items())
+
+    out, log = folder / "optimum", folder / "optimum-cli.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    code = _run([venv / "bin" / "optimum-cli", "export", "onnx", "--task", "text-to-image", "--model", source, out],
+                log, EXPORT_TIMEOUT_S, env=env)
+    if code != 0:
+        pytest.fail(f"optimum-cli export failed (exit code {code}):\n{_tail(log)}", pytrace=False)
+    if "newly initialized" in log.read_text(errors="replace"):
+        pytest.fail(f"Optimum's transformers loaded part of the model with random weights:\n{_tail(log)}",
+                    pytrace=False)
+    return reference, out
+
+
+def ours(folder, cls_name="StableDiffusionPipeline", scheduler=None):
+    import sdort.runtime
+    import sdort.schedulers
+
+    pipe = getattr(sdort.runtime, cls_name).from_pretrained(folder, provider="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler:
+        pipe.scheduler = getattr(sdort.schedulers, scheduler).from_config(pipe.scheduler.config)
+    return pipe
+
+
+def reference_as(reference, cls_name="StableDiffusionPipeline", scheduler=None):
+    import diffusers
+
+    pipe = getattr(diffusers, cls_name)(**reference.components)
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler:
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    return pipe
+
+
+def compare(model, cls_name="StableDiffusionPipeline", scheduler=None, seeds=(3,), **kwargs):
+    """sdort's and diffusers' images for the same call, seeded with sdort's TorchGenerator and torch's."""
+    import torch
+
+    reference, folder = model
+    torch_generators = [torch.Generator().manual_seed(s) for s in seeds]
+    expected = reference_as(reference, cls_name, scheduler)(
+        generator=torch_generators if len(seeds) > 1 else torch_generators[0], output_type="np", **kwargs).images
+    got = ours(folder, cls_name, scheduler)(
+        generator=list(seeds) if len(seeds) > 1 else seeds[0], output_type="np", **kwargs).images
+    assert got.shape == expected.shape and got.dtype == np.float32
+    assert got.std() > 1e-3, "degenerate image: the comparison would prove nothing"
+    return np.abs(got - expected).max()
+
+
+def init_image(width=64, height=64, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], axis=-1) + 0.05 * rng.standard_normal((height, width, 3))
+    return Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+
+
+def mask_image(width=64, height=64, box=(16, 20, 44, 48)):
+    from PIL import Image
+
+    mask = np.zeros((height, width), np.uint8)
+    x1, y1, x2, y2 = box
+    mask[y1:y2, x1:x2] = 255
+    return Image.fromarray(mask)
+
+
+def test_optimum_io_forms_are_the_ones_described(optimum_sd1):
+    """The export really has the forms this file is about (so the tests below exercise them)."""
+    from sdort.runtime import OnnxModel
+
+    folder = optimum_sd1[1]
+    unet = OnnxModel(folder / "unet" / "model.onnx", provider="cpu")
+    text_encoder = OnnxModel(folder / "text_encoder" / "model.onnx", provider="cpu")
+    vae_encoder = OnnxModel(folder / "vae_encoder" / "model.onnx", provider="cpu")
+    assert unet.inputs["timestep"].shape == () and unet.inputs["timestep"].dtype == np.float32
+    assert text_encoder.inputs["input_ids"].dtype == np.int64
+    assert list(vae_encoder.outputs) == ["latent_parameters"] and vae_encoder.outputs["latent_parameters"].shape[1] == 8
+
+
+@pytest.mark.parametrize("scheduler, kwargs", [
+    (None, dict(prompt="a red fox in the snow")),
+    # guidance with 2 images for 2 prompts: the rank-0 timestep is expanded to a UNet batch of 8
+    ("EulerAncestralDiscreteScheduler", dict(prompt=["a castle", "a boat"], negative_prompt=["blurry", "dark"],
+                                             num_images_per_prompt=2)),
+    # batch 1; not 72x56 (9x7 latents): Optimum traces the UNet on a size where diffusers takes no
+    # upsample_size path, so its graphs need latent sides divisible by 2 ** (up blocks - 1)
+    ("DDIMScheduler", dict(prompt="a lighthouse", guidance_scale=1.0, height=80, width=48)),
+])
+def test_text_to_image_matches_diffusers(optimum_sd1, scheduler, kwargs):
+    assert compare(optimum_sd1, scheduler=scheduler, num_inference_steps=5, **kwargs) <= TOLERANCE
+
+
+@pytest.mark.parametrize("scheduler, seeds", [(None, (3,)), ("EulerDiscreteScheduler", (5, 6))])
+def test_image_to_image_matches_diffusers(optimum_sd1, scheduler, seeds):
+    # the VAE sample of the image and the noise after it both come from the seed(s)
+    error = compare(optimum_sd1, "StableDiffusionImg2ImgPipeline", scheduler, seeds, prompt="a watercolor fox",
+                    image=init_image(), strength=0.6, num_inference_steps=6, num_images_per_prompt=len(seeds))
+    assert error <= TOLERANCE
+
+
+@pytest.mark.parametrize("strength, scheduler", [(1.0, None), (0.6, "EulerAncestralDiscreteScheduler")])
+def test_inpaint_with_a_4_channel_unet_matches_diffusers(optimum_sd1, strength, scheduler):
+    error = compare(optimum_sd1, "StableDiffusionInpaintPipeline", scheduler, prompt="a red fox in the snow",
+                    image=init_image(), mask_image=mask_image(), strength=strength, num_inference_steps=6,
+                    num_images_per_prompt=2)
+    assert error <= TOLERANCE
