@@ -16,14 +16,9 @@ import json
 import time
 from pathlib import Path
 
+from bench_shared_sessions import rss_mb  # the scripts' folder is on sys.path when run as a script
+
 from sdort.runtime import StableDiffusionPipeline
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def main() -> None:

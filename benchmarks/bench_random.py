@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from sdort.runtime.random import PhiloxGenerator, TorchGenerator
+from sdort.runtime.randomness import PhiloxGenerator, TorchGenerator
 
 
 def cpu_model() -> str:

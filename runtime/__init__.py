@@ -7,7 +7,7 @@ from .image_to_image import StableDiffusionImg2ImgPipeline
 from .image_variation import StableDiffusionImageVariationPipeline
 from .inpaint import StableDiffusionInpaintPipeline
 from .pipeline import DiffusionPipeline, NumericalError, StableDiffusionPipelineOutput
-from .random import PhiloxGenerator, TorchGenerator
+from .randomness import PhiloxGenerator, TorchGenerator
 from .sessions import OnnxModel
 from .text_to_image import StableDiffusionPipeline
 from .tokenizer import CLIPTokenizer

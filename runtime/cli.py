@@ -103,7 +103,7 @@ def load_image(path: str, flag: str):
 
 
 def make_generator(rng: str, seed: int):
-    from .random import PhiloxGenerator, TorchGenerator
+    from .randomness import PhiloxGenerator, TorchGenerator
 
     if rng == "torch-cpu":
         return TorchGenerator(seed)
@@ -168,7 +168,8 @@ def task_inputs(args) -> dict:
         if kwargs["mask_image"].size != kwargs["image"].size:
             # diffusers would stretch both to one size; from two files that is almost always a mistake
             (mw, mh), (iw, ih) = kwargs["mask_image"].size, kwargs["image"].size
-            raise ValueError(f"--mask: {args.mask} is {mw}x{mh}, --image is {iw}x{ih}; the mask must have the image's size")
+            raise ValueError(f"--mask: {args.mask} is {mw}x{mh}, --image is {iw}x{ih}; "
+                             f"the mask must have the image's size")
     if getattr(args, "depth_map", None):
         if not Path(args.depth_map).is_file():
             raise FileNotFoundError(f"--depth-map: {args.depth_map} not found")

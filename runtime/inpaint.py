@@ -21,7 +21,6 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from ..schedulers.noise import randn_tensor
 from .image_processor import VaeImageProcessor
 from .pipeline import (
     DiffusionPipeline,
@@ -31,6 +30,7 @@ from .pipeline import (
     retrieve_timesteps,
     tile_to_batch,
 )
+from .randomness import randn_tensor
 
 # Tensors a `callback_on_step_end` may ask for (diffusers' `_callback_tensor_inputs`).
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")

@@ -21,10 +21,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..schedulers import get_scheduler_class
-from ..schedulers.noise import randn_tensor
 from .image_processor import VaeImageProcessor
-from .random import as_generator
 from .model_files import read_json
+from .randomness import as_generator, randn_tensor
 from .sessions import OnnxModel
 from .tokenizer import CLIPTokenizer
 
@@ -224,13 +223,13 @@ class DiffusionPipeline:
                 raise ValueError(f"{type(self).__name__} needs the '{name}' part")
         self.unet_in_channels = unet_in_channels(unet)
 
-    def check_unet_kind(self) -> None:
+    def check_unet_kind(self, given: int | None = None) -> None:
         """Refuse a UNet made for another task (a 9-channel inpainting UNet for text-to-image, ...).
 
-        Called when a folder is loaded for a task; pipelines built from another's `components` are
-        checked when called, as diffusers lets them be built."""
+        Checked when the task runs (`given`: the channels it feeds), not when it is built: as in
+        diffusers, any pipeline may be loaded from a folder to share its `components`."""
         latent_channels = self.vae_decoder.config.get("latent_channels", 4)
-        accepted = [latent_channels + extra for extra in self.conditioning_channels]
+        accepted = [given] if given is not None else [latent_channels + extra for extra in self.conditioning_channels]
         channels = self.unet_in_channels
         if channels is None or channels in accepted:
             return
@@ -277,9 +276,7 @@ class DiffusionPipeline:
                 continue
             parts[name] = OnnxModel(model_file, provider=provider, name=name, session_options=session_options)
         parts.update(overrides)
-        pipe = cls(**parts)
-        pipe.check_unet_kind()
-        return pipe
+        return cls(**parts)
 
     def set_progress_bar_config(self, **kwargs):
         """As diffusers: e.g. `pipe.set_progress_bar_config(disable=True)`."""
@@ -467,11 +464,7 @@ class DiffusionPipeline:
         latents after each step (inpainting with a 4-channel UNet re-imposes the known region).
         `callback_on_step_end` may return new `latents`, `prompt_embeds` or `conditioning`.
         """
-        expected = self.unet.inputs["sample"].shape[1]
-        given = latents.shape[1] + (0 if conditioning is None else conditioning.shape[1])
-        if isinstance(expected, int) and expected != given:
-            raise ValueError(f"unet: this UNet takes {expected} input channels, the {type(self).__name__} task gives "
-                             f"{given}; a {expected}-channel model needs its own task (inpaint: 9, depth2img: 5)")
+        self.check_unet_kind(latents.shape[1] + (0 if conditioning is None else conditioning.shape[1]))
         check_finite("eta", eta)
         do_cfg = negative_prompt_embeds is not None
         embeds = np.concatenate([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds

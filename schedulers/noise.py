@@ -1,13 +1,23 @@
 """Drawing Gaussian noise from the `generator` argument, as diffusers' `randn_tensor` does.
 
-A generator is anything with a ``randn(shape, dtype=...)`` method (sdort's torch-compatible
-generators), a ``numpy.random.Generator``, a list of either (one per batch item), or None.
-Integers are turned into generators by the runtime before they reach this module.
+This module is the generator protocol the schedulers draw noise through. A generator is anything
+with a ``randn(shape, dtype=...)`` method (``NoiseGenerator``: sdort's torch-compatible generators
+in ``sdort.runtime.randomness``), a ``numpy.random.Generator``, a list of either (one per batch
+item), or None. Integers are turned into generators by the runtime before they reach this module.
+``randn_tensor`` is written here once, below the runtime, which re-exports it.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
+
+
+class NoiseGenerator(Protocol):
+    """A generator of the protocol besides numpy's: ``randn(shape, dtype=...)`` returns an array."""
+
+    def randn(self, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray: ...
 
 
 def _draw(shape, generator, dtype):
@@ -25,7 +35,8 @@ def _draw(shape, generator, dtype):
     )
 
 
-def randn_tensor(shape, generator=None, dtype=np.float32) -> np.ndarray:
+def randn_tensor(shape, generator: NoiseGenerator | np.random.Generator | list | tuple | None = None,
+                 dtype=np.float32) -> np.ndarray:
     """Standard normal noise of `shape`; matches diffusers.utils.torch_utils.randn_tensor.
 
     With a list of generators, item ``i`` of the batch is drawn from ``generator[i]`` with

@@ -1,4 +1,4 @@
-"""sdort.runtime.random against torch: bit-exact CPU generator, Philox known answers.
+"""sdort.runtime.randomness against torch: bit-exact CPU generator, Philox known answers.
 
 Every comparison with torch is on bit patterns (shape, dtype and bytes), never a tolerance.
 Set SDORT_RANDOM_EXHAUSTIVE=1 to also run the exhaustive check of the float32 kernel (every one
@@ -16,15 +16,15 @@ import textwrap
 import numpy as np
 import pytest
 
-from sdort.runtime.random import (
+from sdort.runtime.randomness import (
     DEFAULT_SEED,
     cpu_kernel,
     PhiloxGenerator,
     TorchGenerator,
     as_generator,
     philox4x32_10,
+    randn_tensor,
 )
-from sdort.schedulers.noise import randn_tensor
 
 torch = pytest.importorskip("torch")
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -303,9 +303,9 @@ def crafted_state(words):
 
 
 def test_untemper_inverts_tempering():
-    from sdort.runtime.random import _temper
+    from sdort.runtime.randomness.mt19937 import temper
     w = np.random.default_rng(0).integers(0, 2**32, 5000, dtype=np.uint64).astype(np.uint32)
-    assert np.array_equal(_temper(untemper(w)), w)
+    assert np.array_equal(temper(untemper(w)), w)
 
 
 def edge_words():
@@ -344,7 +344,7 @@ def test_kernel_on_edge_and_random_uniforms():
 def test_kernel_exhaustive():
     """All 2**24 radius inputs (angle 0, so outputs are the radii), then all 2**24 angle inputs with
     a radius input whose radius is exactly 1 (so outputs are the cosines and sines)."""
-    from sdort.runtime.random import _box_muller_f32
+    from sdort.runtime.randomness.avx2_kernel import box_muller_f32
     k = np.arange(1 << 24, dtype=np.uint32).reshape(-1, 8)
     per_call = 38  # 608 words
     radius_one = None
@@ -355,7 +355,7 @@ def test_kernel_exhaustive():
         else:
             blocks[:, 8:] = k
             blocks[:, :8] = radius_one
-        ours = _box_muller_f32(blocks)
+        ours = box_muller_f32(blocks)
         for i in range(0, blocks.shape[0], per_call):
             chunk = blocks[i:i + per_call].reshape(-1)
             theirs = torch.Generator().set_state(torch.from_numpy(crafted_state(chunk)))
@@ -369,7 +369,7 @@ def test_default_kernel_matches_torch_without_avx2():
     """torch's scalar kernel (ATEN_CPU_CAPABILITY=default, as on CPUs without AVX2 and aarch64)."""
     code = textwrap.dedent("""
         import numpy as np, torch, ml_dtypes
-        from sdort.runtime.random import TorchGenerator, cpu_kernel
+        from sdort.runtime.randomness import TorchGenerator, cpu_kernel
         assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
         assert cpu_kernel() == "default"
         dts = {np.float32: torch.float32, np.float16: torch.float16, ml_dtypes.bfloat16: torch.bfloat16}
@@ -389,18 +389,6 @@ def test_default_kernel_matches_torch_without_avx2():
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
-
-
-def test_threads_do_not_change_results():
-    from sdort.runtime.random import set_num_threads
-    ref32 = TorchGenerator(9).randn(2, 4, 128, 128)
-    ref16 = TorchGenerator(9).randn(3, 4, 96, 96, dtype=np.float16)
-    try:
-        set_num_threads(2)
-        assert_same_bits(TorchGenerator(9).randn(2, 4, 128, 128), ref32)
-        assert_same_bits(TorchGenerator(9).randn(3, 4, 96, 96, dtype=np.float16), ref16)
-    finally:
-        set_num_threads(None)
 
 
 def test_kernels_differ_only_in_last_bits():
@@ -426,7 +414,7 @@ def test_module_works_without_torch():
                 return None
         sys.meta_path.insert(0, BlockTorch())
         import numpy as np
-        from sdort.runtime.random import TorchGenerator, PhiloxGenerator, as_generator
+        from sdort.runtime.randomness import TorchGenerator, PhiloxGenerator, as_generator
         a = TorchGenerator(42).randn((1, 4, 8, 8))
         b = as_generator([3, 4])
         c = PhiloxGenerator(0).randn(5)

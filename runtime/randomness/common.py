@@ -1,25 +1,71 @@
-"""What sdort's torch-compatible generators share: seeds, dtypes, state bytes (see random.py)."""
+"""What every generator in this package shares: torch's default seed and seed conversion, the
+dtypes a draw may ask for, shapes, generator state bytes, and the methods that only restate
+``manual_seed``.
+
+A dtype is a numpy dtype (``np.float32``, ``np.float64``, ``np.float16``), ``ml_dtypes.bfloat16``
+or a name such as ``"float16"`` or ``"torch.bfloat16"``; ml_dtypes is imported only when bfloat16
+is asked for.
+"""
 
 from __future__ import annotations
 
 import math
 import operator
+import secrets
 
 import numpy as np
-
 
 #: The seed of a freshly constructed ``torch.Generator()`` (c10's ``default_rng_seed_val``).
 DEFAULT_SEED = 67280421310721
 
-_U32 = np.uint32
-_U64 = np.uint64
-_F32 = np.float32
-_F64 = np.float64
-_TWO_PI = 2.0 * math.pi
+# short names for the word and float types the generators compute with
+U32 = np.uint32
+U64 = np.uint64
+F32 = np.float32
+F64 = np.float64
+TWO_PI = 2.0 * math.pi
+
+
+class SeededGenerator:
+    """The part of torch's generator interface that follows from ``manual_seed``.
+
+    A generator sets ``self._seed`` in its ``manual_seed(seed)``, which returns the generator, and
+    defines ``randn``; this base adds ``seed()``, ``initial_seed()`` and ``normal()``.
+    """
+
+    def seed(self) -> int:
+        """Re-seed from the operating system's entropy; returns the new seed (``Generator.seed``)."""
+        s = secrets.randbits(64)
+        self.manual_seed(s)
+        return s
+
+    def initial_seed(self) -> int:
+        return self._seed
+
+    def normal(self, *shape, dtype=np.float32) -> np.ndarray:
+        """Alias of ``randn``."""
+        return self.randn(*shape, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
-# dtypes
+# seeds
+# ---------------------------------------------------------------------------------------------
+
+def seed_to_uint64(seed) -> int:
+    """torch's ``manual_seed`` conversion: an int in [-2**63, 2**64); negatives wrap to uint64."""
+    if isinstance(seed, (bool, np.bool_)):
+        seed = int(seed)
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}") from None
+    if not -(1 << 63) <= seed < (1 << 64):
+        raise ValueError(f"seed {seed} is outside [-2**63, 2**64) (torch: 'Overflow when unpacking long long')")
+    return seed & 0xFFFFFFFFFFFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes and shapes
 # ---------------------------------------------------------------------------------------------
 
 _DTYPE_NAMES = {
@@ -38,10 +84,10 @@ def _bfloat16():
     return np.dtype(ml_dtypes.bfloat16)
 
 
-def _resolve_dtype(dtype):
+def resolve_dtype(dtype):
     """Return (kind, numpy dtype) with kind one of float32, float64, float16, bfloat16."""
     if dtype is None:
-        return "float32", np.dtype(_F32)
+        return "float32", np.dtype(F32)
     if isinstance(dtype, str):
         name = dtype.lower().replace("torch.", "").replace("np.", "").replace("numpy.", "")
         kind = _DTYPE_NAMES.get(name)
@@ -52,13 +98,14 @@ def _resolve_dtype(dtype):
         dt = np.dtype(dtype)
     except TypeError:
         name = getattr(dtype, "__name__", None) or str(dtype)
-        return _resolve_dtype(str(name))
+        return resolve_dtype(str(name))
     if dt.name in ("float32", "float64", "float16", "bfloat16"):
         return dt.name, dt
     raise TypeError(f"unsupported dtype {dt}: use float32, float64, float16 or ml_dtypes.bfloat16")
 
 
-def _shape_of(shape):
+def shape_of(shape):
+    """The shape of ``randn(*shape)``: sizes as arguments or one sequence of them."""
     if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)):
         shape = tuple(shape[0])
     shape = tuple(operator.index(s) for s in shape)
@@ -67,31 +114,19 @@ def _shape_of(shape):
     return shape
 
 
-def _seed_to_uint64(seed) -> int:
-    """torch's ``manual_seed`` conversion: an int in [-2**63, 2**64); negatives wrap to uint64."""
-    if isinstance(seed, (bool, np.bool_)):
-        seed = int(seed)
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"seed must be an integer, got {type(seed).__name__}") from None
-    if not -(1 << 63) <= seed < (1 << 64):
-        raise ValueError(f"seed {seed} is outside [-2**63, 2**64) (torch: 'Overflow when unpacking long long')")
-    return seed & 0xFFFFFFFFFFFFFFFF
-
-
-
-# ---------------------------------------------------------------------------------------------
-# casts and generator states
-# ---------------------------------------------------------------------------------------------
-
-def _cast(values: np.ndarray, kind: str, dt: np.dtype) -> np.ndarray:
-    if kind in ("float16", "bfloat16") and values.dtype == _F64:
-        values = values.astype(_F32)  # c10::Half / c10::BFloat16 are constructed from float
+def cast(values: np.ndarray, kind: str, dt: np.dtype) -> np.ndarray:
+    """Computed values to the requested dtype, rounding doubles as torch's Half and BFloat16 do."""
+    if kind in ("float16", "bfloat16") and values.dtype == F64:
+        values = values.astype(F32)  # c10::Half / c10::BFloat16 are constructed from float
     return values.astype(dt, copy=False)
 
 
-def _as_state_bytes(new_state, size: int) -> np.ndarray:
+# ---------------------------------------------------------------------------------------------
+# generator states
+# ---------------------------------------------------------------------------------------------
+
+def as_state_bytes(new_state, size: int) -> np.ndarray:
+    """A ``set_state`` argument (bytes, a uint8 array, a torch ByteTensor, a list) as ``size`` bytes."""
     if isinstance(new_state, (bytes, bytearray, memoryview)):
         arr = np.frombuffer(bytes(new_state), dtype=np.uint8)
     else:

@@ -1,46 +1,41 @@
-"""torch's CUDA generator (Philox4x32-10 with curand's Box-Muller) in numpy; see random.py."""
+"""PyTorch's CUDA generator (``torch.Generator("cuda")``): ``PhiloxGenerator``.
+
+Philox4x32-10 counters laid out as torch's grid-stride kernel lays them out, and curand's
+Box-Muller transform, computed on the CPU with numpy; the class docstring says how exact.
+"""
 
 from __future__ import annotations
 
 import math
 import operator
-import secrets
 import threading
 
 import numpy as np
 
-from .rng_common import (
-    DEFAULT_SEED,
-    _F32,
-    _F64,
-    _U32,
-    _U64,
-    _as_state_bytes,
-    _cast,
-    _resolve_dtype,
-    _seed_to_uint64,
-    _shape_of,
-)
+from .common import DEFAULT_SEED, F32, F64, U32, U64, SeededGenerator, as_state_bytes, cast, resolve_dtype, \
+    seed_to_uint64, shape_of
+
+__all__ = ["PhiloxGenerator", "philox4x32_10"]
 
 
 # ---------------------------------------------------------------------------------------------
 # PhiloxGenerator
 # ---------------------------------------------------------------------------------------------
 
-_PHILOX_M0 = _U64(0xD2511F53)
-_PHILOX_M1 = _U64(0xCD9E8D57)
+_PHILOX_M0 = U64(0xD2511F53)
+_PHILOX_M1 = U64(0xCD9E8D57)
 _PHILOX_W0 = 0x9E3779B9
 _PHILOX_W1 = 0xBB67AE85
-_SHIFT32 = _U64(32)
+_SHIFT32 = U64(32)
 
 
 def philox4x32_10(counter, key):
     """Philox4x32-10 (Salmon et al., SC'11) on arrays: ``counter`` is four uint32 arrays (or ints),
     ``key`` two ints. Returns the four output words as uint32 arrays."""
-    c0, c1, c2, c3 = np.broadcast_arrays(*(np.asarray(c, dtype=_U32) for c in counter))
+    c0, c1, c2, c3 = np.broadcast_arrays(*(np.asarray(c, dtype=U32) for c in counter))
     # 32-bit words held in uint64 so that the 32x32 -> 64-bit products need no conversions
-    c0, c1, c2, c3 = (c.astype(_U64) for c in (c0, c1, c2, c3))
-    mask = _U64(0xFFFFFFFF)
+    c0, c1, c2, c3 = (c.astype(U64) for c in (c0, c1, c2, c3))
+    mask = U64(0xFFFFFFFF)
     k0, k1 = int(key[0]) & 0xFFFFFFFF, int(key[1]) & 0xFFFFFFFF
     for r in range(10):
         if r:
@@ -50,23 +45,23 @@ def philox4x32_10(counter, key):
         p1 = c2 * _PHILOX_M1
         hi1 = p1 >> _SHIFT32
         hi1 ^= c1
-        hi1 ^= _U64(k0)
+        hi1 ^= U64(k0)
         hi0 = p0 >> _SHIFT32
         hi0 ^= c3
-        hi0 ^= _U64(k1)
+        hi0 ^= U64(k1)
         p1 &= mask
         p0 &= mask
         c0, c1, c2, c3 = hi1, p1, hi0, p0
-    return tuple(c.astype(_U32) for c in (c0, c1, c2, c3))
+    return tuple(c.astype(U32) for c in (c0, c1, c2, c3))
 
 
 _BLOCK_THREADS = 256  # torch's block_size_bound
-_CURAND_2POW32_INV = _F32(2.3283064e-10)
-_CURAND_2POW32_INV_2PI = _F32(_F32(2.3283064e-10) * _F32(6.2831855))
+_CURAND_2POW32_INV = F32(2.3283064e-10)
+_CURAND_2POW32_INV_2PI = F32(F32(2.3283064e-10) * F32(6.2831855))
 _CURAND_2POW53_INV = 1.1102230246251565e-16
 
 
-class PhiloxGenerator:
+class PhiloxGenerator(SeededGenerator):
     """PyTorch's CUDA random generator (``torch.Generator("cuda")``) in numpy.
 
     ``torch.randn(shape, device="cuda", generator=g)`` runs a grid-stride kernel of 256-thread
@@ -106,19 +101,11 @@ class PhiloxGenerator:
     def manual_seed(self, seed) -> "PhiloxGenerator":
         """Seed as ``torch.cuda`` generators: the full 64-bit seed is the Philox key; the offset
         restarts at 0. Returns self."""
-        seed = _seed_to_uint64(seed)
+        seed = seed_to_uint64(seed)
         with self._lock:
             self._seed = seed
             self._offset = 0
         return self
-
-    def seed(self) -> int:
-        s = secrets.randbits(64)
-        self.manual_seed(s)
-        return s
-
-    def initial_seed(self) -> int:
-        return self._seed
 
     def get_offset(self) -> int:
         return self._offset
@@ -135,7 +122,7 @@ class PhiloxGenerator:
         return np.frombuffer(np.array([self._seed, self._offset], dtype="<u8").tobytes(), dtype=np.uint8).copy()
 
     def set_state(self, new_state) -> "PhiloxGenerator":
-        arr = _as_state_bytes(new_state, 16)
+        arr = as_state_bytes(new_state, 16)
         seed, offset = (int(v) for v in arr.view("<u8"))
         if offset >= 1 << 63:
             raise ValueError("negative Philox offset in state")
@@ -171,26 +158,26 @@ class PhiloxGenerator:
 
     def _words4(self, n: int, unroll: int):
         thread, k, lane, base = self._launch(n, unroll)
-        ctr = k.astype(_U64) + _U64(base)
-        t = thread.astype(_U64)
+        ctr = k.astype(U64) + U64(base)
+        t = thread.astype(U64)
         words = philox4x32_10(
-            (ctr.astype(_U32), (ctr >> _SHIFT32).astype(_U32), t.astype(_U32), (t >> _SHIFT32).astype(_U32)),
+            (ctr.astype(U32), (ctr >> _SHIFT32).astype(U32), t.astype(U32), (t >> _SHIFT32).astype(U32)),
             (self._seed & 0xFFFFFFFF, self._seed >> 32))
         return words, lane
 
     def randn(self, *shape, dtype=np.float32) -> np.ndarray:
         """``torch.randn(shape, device="cuda", generator=g, dtype=...)``, computed on the CPU."""
-        shape = _shape_of(shape)
-        kind, dt = _resolve_dtype(dtype)
+        shape = shape_of(shape)
+        kind, dt = resolve_dtype(dtype)
         n = math.prod(shape)
         if n == 0:
             return np.empty(shape, dt)
         if kind == "float64":
             (x0, x1, x2, x3), lane = self._words4(n, 2)
-            zx = x0.astype(_U64) ^ (x1.astype(_U64) << _U64(21))
-            zy = x2.astype(_U64) ^ (x3.astype(_U64) << _U64(21))
-            u = zx.astype(_F64) * _CURAND_2POW53_INV + _CURAND_2POW53_INV / 2.0
-            v = zy.astype(_F64) * (_CURAND_2POW53_INV * 2.0) + _CURAND_2POW53_INV
+            zx = x0.astype(U64) ^ (x1.astype(U64) << U64(21))
+            zy = x2.astype(U64) ^ (x3.astype(U64) << U64(21))
+            u = zx.astype(F64) * _CURAND_2POW53_INV + _CURAND_2POW53_INV / 2.0
+            v = zy.astype(F64) * (_CURAND_2POW53_INV * 2.0) + _CURAND_2POW53_INV
             s = np.sqrt(-2.0 * np.log(u))
             v = np.where(v > 1.0, v - 2.0, v)  # sincospi(v): reduce to [-1, 1] exactly first
             ang = np.pi * v
@@ -200,39 +187,36 @@ class PhiloxGenerator:
         first = lane < 2
         a = np.where(first, x0, x2)
         b = np.where(first, x1, x3)
-        u = (a.astype(_F32).astype(_F64) * _F64(_CURAND_2POW32_INV) + _F64(_CURAND_2POW32_INV) / 2).astype(_F32)
-        v = (b.astype(_F32).astype(_F64) * _F64(_CURAND_2POW32_INV_2PI)
-             + _F64(_CURAND_2POW32_INV_2PI) / 2).astype(_F32)
-        s = np.sqrt(_F32(-2) * np.log(u.astype(_F64)).astype(_F32))
-        v64 = v.astype(_F64)
+        u = (a.astype(F32).astype(F64) * F64(_CURAND_2POW32_INV) + F64(_CURAND_2POW32_INV) / 2).astype(F32)
+        v = (b.astype(F32).astype(F64) * F64(_CURAND_2POW32_INV_2PI)
+             + F64(_CURAND_2POW32_INV_2PI) / 2).astype(F32)
+        s = np.sqrt(F32(-2) * np.log(u.astype(F64)).astype(F32))
+        v64 = v.astype(F64)
         odd = (lane % 2).astype(bool)  # lanes 0, 2: sine; 1, 3: cosine
         trig = np.sin(v64) if not odd.any() else np.where(odd, np.cos(v64), np.sin(v64))
-        trig = trig.astype(_F32)
-        out = trig * s + _F32(0)
-        return _cast(out, kind, dt).reshape(shape)
+        trig = trig.astype(F32)
+        out = trig * s + F32(0)
+        return cast(out, kind, dt).reshape(shape)
 
     def rand(self, *shape, dtype=np.float32) -> np.ndarray:
         """``torch.rand(shape, device="cuda", generator=g, dtype=...)``: curand_uniform4 with
         torch's (0, 1] -> [0, 1) reversal of the upper bound."""
-        shape = _shape_of(shape)
-        kind, dt = _resolve_dtype(dtype)
+        shape = shape_of(shape)
+        kind, dt = resolve_dtype(dtype)
         n = math.prod(shape)
         if n == 0:
             return np.empty(shape, dt)
         if kind == "float64":
             (x0, x1, x2, x3), lane = self._words4(n, 2)
-            lo = np.where(lane == 0, x0, x2).astype(_U64)
-            hi = np.where(lane == 0, x1, x3).astype(_U64)
-            z = lo ^ (hi << _U64(21))
-            out = z.astype(_F64) * _CURAND_2POW53_INV + _CURAND_2POW53_INV / 2.0
+            lo = np.where(lane == 0, x0, x2).astype(U64)
+            hi = np.where(lane == 0, x1, x3).astype(U64)
+            z = lo ^ (hi << U64(21))
+            out = z.astype(F64) * _CURAND_2POW53_INV + _CURAND_2POW53_INV / 2.0
             out[out == 1.0] = 0.0
             return out.reshape(shape)
         (x0, x1, x2, x3), lane = self._words4(n, 4)
         w = np.choose(lane, (x0, x1, x2, x3))
-        u = (w.astype(_F32).astype(_F64) * _F64(_CURAND_2POW32_INV) + _F64(_CURAND_2POW32_INV) / 2).astype(_F32)
+        u = (w.astype(F32).astype(F64) * F64(_CURAND_2POW32_INV) + F64(_CURAND_2POW32_INV) / 2).astype(F32)
         out = u.astype(dt)
         out[out == 1] = 0
         return out.reshape(shape)
-
-    def normal(self, *shape, dtype=np.float32) -> np.ndarray:
-        return self.randn(*shape, dtype=dtype)
