@@ -101,7 +101,7 @@ def variation_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def depth_pipe(depth_model):
     """sdort's pipeline on the exported depth model, loaded once (calls do not change it)."""
-    from sdort.runtime.depth_to_image import StableDiffusionDepth2ImgPipeline
+    from sdort.runtime.pipelines.depth_to_image import StableDiffusionDepth2ImgPipeline
 
     pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(depth_model[1], provider="cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -110,7 +110,7 @@ def depth_pipe(depth_model):
 
 @pytest.fixture(scope="module")
 def variation_pipe(variation_model):
-    from sdort.runtime.image_variation import StableDiffusionImageVariationPipeline
+    from sdort.runtime.pipelines.image_variation import StableDiffusionImageVariationPipeline
 
     pipe = StableDiffusionImageVariationPipeline.from_pretrained(variation_model[1], provider="cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -201,7 +201,7 @@ def test_export_rejects_depth_model_without_depth_channel(tmp_path, depth_model)
 def test_bicubic_resize_equals_torch():
     import torch
 
-    from sdort.runtime.depth_to_image import resize_bicubic
+    from sdort.runtime.pipelines.depth_to_image import resize_bicubic
 
     rng = np.random.default_rng(0)
     for h, w, oh, ow in [(64, 64, 8, 8), (37, 53, 9, 7), (5, 6, 12, 17), (8, 8, 8, 8), (100, 30, 13, 31)]:
@@ -263,7 +263,7 @@ def test_depth_map_forms_agree(depth_pipe, tmp_path):
 
 
 def test_depth_without_depth_estimator_needs_a_depth_map(depth_model, tmp_path):
-    from sdort.runtime.depth_to_image import StableDiffusionDepth2ImgPipeline
+    from sdort.runtime.pipelines.depth_to_image import StableDiffusionDepth2ImgPipeline
 
     folder = tmp_path / "no-estimator"
     shutil.copytree(depth_model[1], folder)
@@ -277,13 +277,13 @@ def test_depth_without_depth_estimator_needs_a_depth_map(depth_model, tmp_path):
 
 
 def test_depth_needs_a_depth_unet(depth_pipe, variation_pipe):
-    from sdort.runtime.depth_to_image import StableDiffusionDepth2ImgPipeline
+    from sdort.runtime.pipelines.depth_to_image import StableDiffusionDepth2ImgPipeline
 
     depth, variation = depth_pipe, variation_pipe
     with pytest.raises(ValueError, match="'unet'.* 5 input channels"):
         StableDiffusionDepth2ImgPipeline(**{**depth.components, "unet": variation.unet})
     # Sharing sessions with another task works both ways.
-    from sdort.runtime.image_to_image import StableDiffusionImg2ImgPipeline
+    from sdort.runtime.pipelines.image_to_image import StableDiffusionImg2ImgPipeline
 
     again = StableDiffusionDepth2ImgPipeline(**StableDiffusionImg2ImgPipeline(**depth.components).components)
     assert again.depth_estimator is depth.depth_estimator
@@ -346,7 +346,7 @@ def test_variation_pixel_values_latents_and_callback(variation_model, variation_
 
 
 def test_variation_has_no_text_encoder(variation_pipe):
-    from sdort.runtime.image_variation import StableDiffusionImageVariationPipeline
+    from sdort.runtime.pipelines.image_variation import StableDiffusionImageVariationPipeline
 
     pipe = variation_pipe
     assert pipe.text_encoder is None and pipe.tokenizer is None

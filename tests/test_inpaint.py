@@ -50,7 +50,7 @@ def one_torch_thread():
 
 def loaded(reference, folder):
     """(diffusers pipeline, sdort pipeline, folder): sessions are created once per model."""
-    from sdort.runtime.inpaint import StableDiffusionInpaintPipeline
+    from sdort.runtime.pipelines.inpaint import StableDiffusionInpaintPipeline
 
     ours = StableDiffusionInpaintPipeline.from_pretrained(folder, provider="cpu")
     ours.set_progress_bar_config(disable=True)
@@ -96,7 +96,7 @@ def make_mask(width=64, height=64, box=(16, 20, 44, 48)) -> Image.Image:
 def ours_for(model, scheduler=None):
     """A pipeline on the model's loaded sessions, with its own scheduler."""
     import sdort.schedulers
-    from sdort.runtime.inpaint import StableDiffusionInpaintPipeline
+    from sdort.runtime.pipelines.inpaint import StableDiffusionInpaintPipeline
 
     pipe = StableDiffusionInpaintPipeline(**model[1].components)
     pipe.set_progress_bar_config(disable=True)
@@ -256,7 +256,7 @@ def test_callback_replacing_the_mask_matches_diffusers(models, channels):
 
 def test_shares_sessions_with_text_to_image(sd9):
     from sdort.runtime import StableDiffusionPipeline
-    from sdort.runtime.inpaint import StableDiffusionInpaintPipeline
+    from sdort.runtime.pipelines.inpaint import StableDiffusionInpaintPipeline
 
     txt2img = StableDiffusionPipeline.from_pretrained(sd9[2], provider="cpu")
     inpaint = StableDiffusionInpaintPipeline(**txt2img.components)

@@ -21,16 +21,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .image_processor import VaeImageProcessor
-from .pipeline import (
-    DiffusionPipeline,
-    StableDiffusionPipelineOutput,
-    check_common_inputs,
-    check_strength,
-    retrieve_timesteps,
-    tile_to_batch,
-)
-from .randomness import randn_tensor
+from ..image_processor import VaeImageProcessor
+from .base import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps, tile_to_batch
+from .checks import check_common_inputs, check_strength
+from ..randomness import randn_tensor
 
 # Tensors a `callback_on_step_end` may ask for (diffusers' `_callback_tensor_inputs`).
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")

@@ -6,13 +6,8 @@ are the encoded image noised to that point.
 
 from __future__ import annotations
 
-from .pipeline import (
-    DiffusionPipeline,
-    StableDiffusionPipelineOutput,
-    check_common_inputs,
-    check_strength,
-    retrieve_timesteps,
-)
+from .base import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
+from .checks import check_common_inputs, check_strength
 
 
 class StableDiffusionImg2ImgPipeline(DiffusionPipeline):

@@ -15,14 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .feature_extractors import DPTImageProcessor
-from .pipeline import (
-    DiffusionPipeline,
-    StableDiffusionPipelineOutput,
-    check_common_inputs,
-    check_strength,
-    retrieve_timesteps,
-)
+from ..feature_extractors import DPTImageProcessor
+from .base import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
+from .checks import check_common_inputs, check_strength
 
 logger = logging.getLogger("sdort")
 

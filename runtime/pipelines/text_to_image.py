@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput, check_common_inputs, retrieve_timesteps
+from .base import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
+from .checks import check_common_inputs
 
 
 class StableDiffusionPipeline(DiffusionPipeline):

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .feature_extractors import CLIPImageProcessor
-from .pipeline import DiffusionPipeline, StableDiffusionPipelineOutput, check_generation_inputs, retrieve_timesteps
+from ..feature_extractors import CLIPImageProcessor
+from .base import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
+from .checks import check_generation_inputs
 
 
 def check_variation_inputs(image, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,

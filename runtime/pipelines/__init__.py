@@ -1,0 +1,26 @@
+"""diffusers' Stable Diffusion pipelines on ONNX Runtime: one module per task, on shared machinery.
+
+`base.py` holds what every task shares (loading an exported folder, prompt encoding, latents, the one
+denoising loop, decoding) and `checks.py` the argument and output checks. A task module says only
+what it adds: where the schedule starts, how the first latents are made, which channels the UNet
+reads besides the latents. A new pipeline (SDXL, an upscaler) is a new module here.
+"""
+
+from .base import DiffusionPipeline, StableDiffusionPipelineOutput
+from .checks import NumericalError
+from .depth_to_image import StableDiffusionDepth2ImgPipeline
+from .image_to_image import StableDiffusionImg2ImgPipeline
+from .image_variation import StableDiffusionImageVariationPipeline
+from .inpaint import StableDiffusionInpaintPipeline
+from .text_to_image import StableDiffusionPipeline
+
+__all__ = [
+    "DiffusionPipeline",
+    "NumericalError",
+    "StableDiffusionDepth2ImgPipeline",
+    "StableDiffusionImageVariationPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionPipeline",
+    "StableDiffusionPipelineOutput",
+]
