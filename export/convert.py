@@ -1,4 +1,8 @@
-"""Tracing one part to ONNX, converting it to float16, and checking it against torch."""
+"""Graph work on one part: trace it to ONNX, convert it to float16, save it, check it against torch.
+
+`exporter.py` drives these steps for every part of a model and writes the artifact folder around
+them (configs, tokenizer, manifest, the atomic rename); nothing here knows about folders of parts.
+"""
 
 from __future__ import annotations
 

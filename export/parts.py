@@ -2,12 +2,12 @@
 
 Declared once here and used both to trace the torch module and to check the exported graph
 in ONNX Runtime. The names follow the layout of Optimum's ONNX Runtime diffusion pipelines
-(see DESIGN.md), which sdort's runtime reads.
+(see docs/architecture.md), which sdort's runtime reads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -95,7 +95,6 @@ class Part:
     dynamic_axes: dict[str, dict[int, str]]
     sample: Callable[..., tuple]  # (module, batch, height, width) -> sample inputs
     fp16: bool = True  # converted to float16 by `--dtype fp16` (the VAE stays float32: it overflows)
-    extra: dict = field(default_factory=dict)
 
 
 def _text_sample(model, batch, height, width):
@@ -167,7 +166,6 @@ IMAGE_ENCODER = Part(
     {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}, _pixel_sample,
 )
 
-STABLE_DIFFUSION_PARTS = [TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER]
 # Every part sd-export knows, in export order; a model exports those whose component it has.
 ALL_PARTS = [TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER, DEPTH_ESTIMATOR, IMAGE_ENCODER]
 

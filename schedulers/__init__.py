@@ -1,4 +1,4 @@
-"""Numpy schedulers with diffusers' names, configuration and interface (see DESIGN.md).
+"""Numpy schedulers with diffusers' names, configuration and interface (see docs/architecture.md).
 
 Never imports torch, diffusers or transformers.
 """

@@ -126,7 +126,7 @@ def test_ctrl_c_during_generation_leaves_no_png(tiny_export, tmp_path):
         seen += chunk
     process.send_signal(signal.SIGINT)
     rest = process.stderr.read()
-    assert process.wait(timeout=60) == 130
+    assert process.wait(timeout=60) == 130, seen[-500:] + rest[-3000:]
     # the last words after the progress bar, and no traceback
     assert rest.rstrip().endswith("sdort: interrupted; no image written") and "Traceback" not in rest, rest
     assert list(tmp_path.iterdir()) == []

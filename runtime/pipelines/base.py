@@ -122,6 +122,8 @@ class DiffusionPipeline:
     # Channels the task concatenates to the latents before the UNet, one entry per UNet kind it
     # accepts (inpainting: none for a 4-channel UNet, mask + masked image for a 9-channel one).
     conditioning_channels = (0,)
+    # Tensors a `callback_on_step_end` may ask for (diffusers' `_callback_tensor_inputs`).
+    callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
     def __init__(self, text_encoder, tokenizer, unet, vae_decoder, scheduler, vae_encoder=None, **extra_parts):
         self.text_encoder = text_encoder
@@ -141,6 +143,17 @@ class DiffusionPipeline:
             if getattr(self, name, None) is None:
                 raise ValueError(f"{type(self).__name__} needs the '{name}' part")
         self.unet_in_channels = unet_in_channels(unet)
+
+    def default_size(self, height, width) -> tuple:
+        """`height` and `width`, or the UNet's `sample_size` in pixels where None, as diffusers."""
+        default = self.unet.config.get("sample_size", 64) * self.vae_scale_factor
+        return height or default, width or default
+
+    def check_callback_tensor_inputs(self, names) -> None:
+        unknown = [k for k in names if k not in self.callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not available; "
+                             f"choose from {list(self.callback_tensor_inputs)}")
 
     def check_unet_kind(self, given: int | None = None) -> None:
         """Refuse a UNet made for another task (a 9-channel inpainting UNet for text-to-image, ...).
@@ -384,6 +397,7 @@ class DiffusionPipeline:
         `callback_on_step_end` may return new `latents`, `prompt_embeds` or `conditioning`.
         """
         self.check_unet_kind(latents.shape[1] + (0 if conditioning is None else conditioning.shape[1]))
+        self.check_callback_tensor_inputs(callback_on_step_end_tensor_inputs)
         check_finite("eta", eta)
         do_cfg = negative_prompt_embeds is not None
         embeds = np.concatenate([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
@@ -391,22 +405,36 @@ class DiffusionPipeline:
         embeds_on_device = self.unet.to_device("encoder_hidden_states", embeds)
         if conditioning is not None and do_cfg:
             conditioning = np.concatenate([conditioning, conditioning])
+        # The UNet's input batch, built in one buffer made once per call: [uncond; text] copies of
+        # the scaled latents, then the conditioning channels (written once, or when a callback
+        # replaces them).
+        n, c = latents.shape[:2]
+        model_input = np.empty((2 * n if do_cfg else n, c + (0 if conditioning is None else conditioning.shape[1]),
+                                *latents.shape[2:]), np.float32)
+        if conditioning is not None:
+            model_input[:, c:] = conditioning
         step_kwargs = {"generator": generator, "eta": eta}
         for i, t in enumerate(tqdm(timesteps, **self._progress_bar_config)):
-            model_input = np.concatenate([latents, latents]) if do_cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            if conditioning is not None:
-                model_input = np.concatenate([model_input, conditioning], axis=1)
+            # scale_model_input is elementwise, so the half batch scaled once equals diffusers' doubled one
+            model_input[:n, :c] = scheduler.scale_model_input(latents, t)
+            if do_cfg:
+                model_input[n:, :c] = model_input[:n, :c]
             noise_pred = self.unet(
                 sample=model_input, timestep=self._timestep_feed(t, model_input.shape[0]),
                 encoder_hidden_states=embeds_on_device,
             )["out_sample"].astype(np.float32, copy=False)
             check_finite_output(noise_pred, "unet", f"at step {i + 1} of {len(timesteps)} (timestep {t})")
             if do_cfg:
+                # uncond + g * (text - uncond), in place in the text half: the same float32 operations
+                # in the same order as diffusers, without three temporaries per step
                 noise_uncond, noise_text = np.split(noise_pred, 2)
-                noise_pred = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)
+                text = noise_text.copy() if guidance_rescale > 0 else None
+                np.subtract(noise_text, noise_uncond, out=noise_text)
+                noise_text *= np.float32(guidance_scale)
+                noise_text += noise_uncond
+                noise_pred = noise_text
                 if guidance_rescale > 0:
-                    noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale)
+                    noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale)
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
             if after_step is not None:
                 latents = after_step(i, t, latents)
@@ -416,7 +444,7 @@ class DiffusionPipeline:
                 changed = callback_on_step_end(self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs}) or {}
                 latents = changed.get("latents", latents)
                 if "conditioning" in changed:  # the UNet batch's extra channels, doubled with guidance
-                    conditioning = np.asarray(changed["conditioning"], dtype=np.float32)
+                    model_input[:, c:] = changed["conditioning"]
                 if "prompt_embeds" in changed:
                     embeds = changed["prompt_embeds"]
                     embeds_on_device = self.unet.to_device("encoder_hidden_states", embeds)

@@ -16,13 +16,12 @@ import numpy as np
 from PIL import Image
 
 from ..feature_extractors import DPTImageProcessor
-from .base import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
+from .base import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps, tile_to_batch
 from .checks import check_common_inputs, check_strength
 
 logger = logging.getLogger("sdort")
 
 # Tensors a `callback_on_step_end` may ask for (diffusers also offers "depth_mask").
-CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
 _CUBIC_A = -0.75  # torch's (and OpenCV's) cubic convolution constant
 
@@ -181,11 +180,7 @@ class StableDiffusionDepth2ImgPipeline(DiffusionPipeline):
             depth = load_depth_map(depth_map)
         depth = resize_bicubic(depth[:, None], *latent_size)
         depth = normalize_depth(depth)
-        if depth.shape[0] != batch:
-            if depth.shape[0] > batch or batch % depth.shape[0]:
-                raise ValueError(f"depth_map: {depth.shape[0]} depth maps cannot be spread over a batch of {batch}")
-            depth = np.concatenate([depth] * (batch // depth.shape[0]))
-        return depth
+        return tile_to_batch(depth, batch, "depth_map")
 
     def __call__(
         self,
@@ -211,10 +206,7 @@ class StableDiffusionDepth2ImgPipeline(DiffusionPipeline):
         if image is None:
             raise ValueError("image: an input image is required")
         check_strength(strength)
-        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not available; "
-                             f"choose from {list(CALLBACK_TENSOR_INPUTS)}")
+        self.check_callback_tensor_inputs(callback_on_step_end_tensor_inputs)
         batch = check_common_inputs(prompt, None, None, num_inference_steps, guidance_scale, num_images_per_prompt,
                                     negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
         total = batch * num_images_per_prompt

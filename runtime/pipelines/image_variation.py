@@ -107,9 +107,7 @@ class StableDiffusionImageVariationPipeline(DiffusionPipeline):
         """As diffusers: `image` is a PIL image, a list of them, or numpy images (HWC/NHWC, uint8 or
         floats in [0, 1]); an NCHW float array is taken as CLIP `pixel_values`, as diffusers takes a
         tensor. `callback(step, timestep, latents)` is called every `callback_steps` steps."""
-        default = self.unet.config.get("sample_size", 64) * self.vae_scale_factor
-        height = height or default
-        width = width or default
+        height, width = self.default_size(height, width)
         check_variation_inputs(image, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
                                output_type, callback_steps)
         do_cfg = guidance_scale > 1

@@ -26,10 +26,8 @@ from .base import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_tim
 from .checks import check_common_inputs, check_strength
 from ..randomness import randn_tensor
 
-# Tensors a `callback_on_step_end` may ask for (diffusers' `_callback_tensor_inputs`).
-CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
 # Those the shared loop itself hands to callbacks; the mask ones are added here.
-_LOOP_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
+_LOOP_TENSOR_INPUTS = DiffusionPipeline.callback_tensor_inputs
 
 
 def _first(generator, count: int):
@@ -44,6 +42,7 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
     required_parts = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
     optional_parts = ()
     conditioning_channels = (0, 5)  # 4-channel UNet, or 9: + mask + masked image latents
+    callback_tensor_inputs = (*DiffusionPipeline.callback_tensor_inputs, "mask", "masked_image_latents")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -52,8 +51,8 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
 
     # ---- inputs ----------------------------------------------------------------------------
 
-    @staticmethod
-    def check_inpaint_inputs(image, mask_image, padding_mask_crop, output_type, callback_on_step_end_tensor_inputs):
+    def check_inpaint_inputs(self, image, mask_image, padding_mask_crop, output_type,
+                             callback_on_step_end_tensor_inputs):
         if image is None:
             raise ValueError("image: an input image is required")
         if mask_image is None:
@@ -68,9 +67,7 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
                 raise ValueError(f"mask_image: padding_mask_crop needs a PIL image; got {type(mask_image).__name__}")
             if output_type != "pil":
                 raise ValueError(f"output_type must be 'pil' with padding_mask_crop; got {output_type!r}")
-        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not among {list(CALLBACK_TENSOR_INPUTS)}")
+        self.check_callback_tensor_inputs(callback_on_step_end_tensor_inputs)
 
     @staticmethod
     def check_mask(mask: np.ndarray) -> None:
@@ -112,9 +109,7 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs=("latents",),
     ):
         # As diffusers, the size defaults to the UNet's, not the image's.
-        default = self.unet.config.get("sample_size", 64) * self.vae_scale_factor
-        height = height or default
-        width = width or default
+        height, width = self.default_size(height, width)
         self.check_inpaint_inputs(image, mask_image, padding_mask_crop, output_type, callback_on_step_end_tensor_inputs)
         check_strength(strength)
         batch = check_common_inputs(prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,

@@ -31,9 +31,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
     ):
-        default = self.unet.config.get("sample_size", 64) * self.vae_scale_factor
-        height = height or default
-        width = width or default
+        height, width = self.default_size(height, width)
         batch = check_common_inputs(prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
                                     negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
         total = batch * num_images_per_prompt
