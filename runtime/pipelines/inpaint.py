@@ -22,9 +22,9 @@ import numpy as np
 from PIL import Image
 
 from ..image_processor import VaeImageProcessor
+from ..randomness import randn_tensor
 from .base import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps, tile_to_batch
 from .checks import check_common_inputs, check_strength
-from ..randomness import randn_tensor
 
 # Those the shared loop itself hands to callbacks; the mask ones are added here.
 _LOOP_TENSOR_INPUTS = DiffusionPipeline.callback_tensor_inputs
@@ -80,6 +80,79 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
                 raise ValueError(f"mask_image: mask {i} is all white: nothing of the image would be kept; "
                                  f"use StableDiffusionPipeline (text-to-image) to generate a whole image")
 
+    # ---- stages of the call -----------------------------------------------------------------
+
+    def prepare_mask_and_image(self, image, mask_image, height, width, padding_mask_crop, total):
+        """The binarized mask and the image in [-1, 1] at (height, width), NCHW, and the crop box.
+
+        The mask first: a bad one fails before any model runs (and before the crop region, which
+        has no meaning for a mask without any white pixel). Counts that cannot be spread over the
+        batch fail here too."""
+        if padding_mask_crop is not None:
+            self.check_mask(self.preprocess_image(mask_image, "mask_image", self.mask_processor))
+            crops_coords = self.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)
+            resize_mode = "fill"
+        else:
+            crops_coords, resize_mode = None, "default"
+        mask_condition = self.preprocess_image(mask_image, "mask_image", self.mask_processor, height=height,
+                                               width=width, resize_mode=resize_mode, crops_coords=crops_coords)
+        self.check_mask(mask_condition)
+        init_image = self.preprocess_image(image, "image", height=height, width=width,
+                                           resize_mode=resize_mode, crops_coords=crops_coords)
+        # Image and mask of different sizes are both resized to (height, width), as in diffusers.
+        if init_image.shape[0] != mask_condition.shape[0] and 1 not in (init_image.shape[0], mask_condition.shape[0]):
+            raise ValueError(f"mask_image: {mask_condition.shape[0]} masks for {init_image.shape[0]} images; "
+                             f"pass one mask, or one per image")
+        tile_to_batch(mask_condition, total, "mask_image")
+        tile_to_batch(init_image, total, "image")
+        return mask_condition, init_image, crops_coords
+
+    @staticmethod
+    def check_masked_image_latents(masked_image_latents, latent_shape, total):
+        if masked_image_latents is None:
+            return None
+        masked_image_latents = np.asarray(masked_image_latents, dtype=np.float32)
+        channels, hw = latent_shape[1], tuple(latent_shape[2:])
+        if masked_image_latents.ndim != 4 or masked_image_latents.shape[1:] != (channels, *hw):
+            raise ValueError(f"masked_image_latents: expected shape (k, {channels}, {hw[0]}, {hw[1]}) with k "
+                             f"dividing the batch of {total}; got {masked_image_latents.shape}")
+        tile_to_batch(masked_image_latents, total, "masked_image_latents")
+        return masked_image_latents
+
+    def initial_latents(self, init_image, latents, latent_shape, generator, scheduler, timesteps, strength,
+                        needs_image_latents):
+        """The first latents, the noise they were made with, and the image latents (or None).
+
+        Random draws in diffusers' order: the image's VAE sample when the image latents are needed
+        (image i with generator i, then tiled to the batch), then the noise — or the given
+        `latents`, which diffusers then uses as the noise at any strength."""
+        total = latent_shape[0]
+        image_latents = None
+        if needs_image_latents:
+            image_latents = tile_to_batch(self.encode_image(init_image, _first(generator, init_image.shape[0])),
+                                          total, "image")
+        if latents is not None:
+            noise = np.asarray(latents, dtype=np.float32)
+            return noise * np.float32(scheduler.init_noise_sigma), noise, image_latents
+        noise = randn_tensor(latent_shape, generator=generator, dtype=self.unet.inputs["sample"].dtype)
+        noise = noise.astype(np.float32)
+        if strength == 1.0:
+            return noise * np.float32(scheduler.init_noise_sigma), noise, image_latents
+        noised = scheduler.add_noise(image_latents, noise, np.repeat(timesteps[:1], total))
+        return np.asarray(noised, dtype=np.float32), noise, image_latents
+
+    def mask_latents(self, mask_condition, init_image, masked_image_latents, latent_shape, generator):
+        """The mask at latent resolution (torch's nearest-neighbour interpolation) and the masked
+        image's latents (its VAE sample, the third draw, unless they were given), tiled to the batch."""
+        total, hw = latent_shape[0], tuple(latent_shape[2:])
+        if masked_image_latents is None:
+            masked_image = init_image * (mask_condition < 0.5)
+            masked_image_latents = self.encode_image(masked_image, _first(generator, masked_image.shape[0]))
+        masked_image_latents = tile_to_batch(masked_image_latents.astype(np.float32), total, "masked_image_latents")
+        mask = self.mask_processor.resize(mask_condition.transpose(0, 2, 3, 1), *hw).transpose(0, 3, 1, 2)
+        mask = tile_to_batch(np.ascontiguousarray(mask, dtype=np.float32), total, "mask_image")
+        return mask, masked_image_latents
+
     # ---- the call --------------------------------------------------------------------------
 
     def __call__(
@@ -108,142 +181,118 @@ class StableDiffusionInpaintPipeline(DiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
     ):
-        # As diffusers, the size defaults to the UNet's, not the image's.
+        # 1. Check the inputs (the size defaults to the UNet's, not the image's, as in diffusers).
         height, width = self.default_size(height, width)
         self.check_inpaint_inputs(image, mask_image, padding_mask_crop, output_type, callback_on_step_end_tensor_inputs)
         check_strength(strength)
         batch = check_common_inputs(prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
                                     negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
         self.check_unet_kind()
-        in_channels = self.unet_in_channels
-        if in_channels is None:
+        nine_channels = self.unet_in_channels == 9
+        if self.unet_in_channels is None:
             raise ValueError("unet: cannot tell its number of input channels (no config.json, dynamic 'sample' shape)")
         total = batch * num_images_per_prompt
         generator = self.check_generator(generator, total)
         latent_shape = self.latent_shape(total, height, width)
         if latents is not None and np.shape(latents) != tuple(latent_shape):
             raise ValueError(f"latents: expected shape {tuple(latent_shape)}, got {np.shape(latents)}")
+        mask_condition, init_image, crops_coords = self.prepare_mask_and_image(
+            image, mask_image, height, width, padding_mask_crop, total)
+        masked_image_latents = self.check_masked_image_latents(masked_image_latents, latent_shape, total)
 
-        # The mask first: a bad one fails before any model runs (and before the crop region,
-        # which has no meaning for a mask without any white pixel).
-        if padding_mask_crop is not None:
-            self.check_mask(self.preprocess_image(mask_image, "mask_image", self.mask_processor))
-            crops_coords = self.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)
-            resize_mode = "fill"
-        else:
-            crops_coords, resize_mode = None, "default"
-        mask_condition = self.preprocess_image(mask_image, "mask_image", self.mask_processor, height=height,
-                                               width=width, resize_mode=resize_mode, crops_coords=crops_coords)
-        self.check_mask(mask_condition)
-        init_image = self.preprocess_image(image, "image", height=height, width=width,
-                                           resize_mode=resize_mode, crops_coords=crops_coords)
-        # Image and mask of different sizes are both resized to (height, width), as in diffusers.
-        if init_image.shape[0] != mask_condition.shape[0] and 1 not in (init_image.shape[0], mask_condition.shape[0]):
-            raise ValueError(f"mask_image: {mask_condition.shape[0]} masks for {init_image.shape[0]} images; "
-                             f"pass one mask, or one per image")
-        # Counts that cannot be spread over the batch fail here, before any model runs.
-        tile_to_batch(mask_condition, total, "mask_image")
-        tile_to_batch(init_image, total, "image")
-        latent_hw = tuple(latent_shape[2:])
-        latent_channels = latent_shape[1]
-        if masked_image_latents is not None:
-            masked_image_latents = np.asarray(masked_image_latents, dtype=np.float32)
-            if masked_image_latents.ndim != 4 or masked_image_latents.shape[1:] != (latent_channels, *latent_hw):
-                raise ValueError(f"masked_image_latents: expected shape (k, {latent_channels}, {latent_hw[0]}, "
-                                 f"{latent_hw[1]}) with k dividing the batch of {total}; "
-                                 f"got {masked_image_latents.shape}")
-            tile_to_batch(masked_image_latents, total, "masked_image_latents")
-
+        # 2. Encode the prompt.
         do_cfg = guidance_scale > 1
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
 
+        # 3. The schedule, shortened by strength.
         scheduler = self.fresh_scheduler(self.scheduler)
         num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
         if min(int(num_inference_steps * strength), num_inference_steps) < 1:
             raise ValueError(f"strength: {strength} with {num_inference_steps} steps leaves no step to run")
         timesteps = self.strength_timesteps(scheduler, num_inference_steps, strength)
-        is_strength_max = strength == 1.0
 
-        # Draw 1: the image's VAE sample, when the image latents are needed. As diffusers, image i
-        # is sampled with generator i, and the latents are then tiled to the batch.
-        noise_dtype = self.unet.inputs["sample"].dtype
-        image_latents = None
-        if in_channels == 4 or (latents is None and not is_strength_max):
-            image_latents = tile_to_batch(self.encode_image(init_image, _first(generator, init_image.shape[0])), total,
-                                    "image")
-        # Draw 2: the noise (or the given latents, which diffusers then uses as noise at any strength).
-        if latents is None:
-            noise = randn_tensor(latent_shape, generator=generator, dtype=noise_dtype).astype(np.float32)
-            if is_strength_max:
-                latents = noise * np.float32(scheduler.init_noise_sigma)
-            else:
-                latents = scheduler.add_noise(image_latents, noise, np.repeat(timesteps[:1], total))
-        else:
-            noise = np.asarray(latents, dtype=np.float32)
-            latents = noise * np.float32(scheduler.init_noise_sigma)
-        latents = np.asarray(latents, dtype=np.float32)
-
-        # Draw 3: the masked image's VAE sample (unless its latents were given).
-        if masked_image_latents is None:
-            masked_image = init_image * (mask_condition < 0.5)
-            masked_image_latents = self.encode_image(masked_image, _first(generator, masked_image.shape[0]))
-        masked_image_latents = tile_to_batch(masked_image_latents.astype(np.float32), total, "masked_image_latents")
-        # The mask at latent resolution: torch's nearest-neighbour interpolation.
-        mask = self.mask_processor.resize(mask_condition.transpose(0, 2, 3, 1), *latent_hw).transpose(0, 3, 1, 2)
-        mask = tile_to_batch(np.ascontiguousarray(mask, dtype=np.float32), total, "mask_image")
-
-        if in_channels == 9 and latent_channels + mask.shape[1] + masked_image_latents.shape[1] != 9:
-            raise ValueError(f"unet: takes 9 input channels, but latents ({latent_channels}) + mask ({mask.shape[1]}) "
+        # 4. Latents, mask and masked image latents, drawing random numbers in diffusers' order.
+        needs_image_latents = not nine_channels or (latents is None and strength != 1.0)
+        latents, noise, image_latents = self.initial_latents(
+            init_image, latents, latent_shape, generator, scheduler, timesteps, strength, needs_image_latents)
+        mask, masked_image_latents = self.mask_latents(
+            mask_condition, init_image, masked_image_latents, latent_shape, generator)
+        if nine_channels and latent_shape[1] + mask.shape[1] + masked_image_latents.shape[1] != 9:
+            raise ValueError(f"unet: takes 9 input channels, but latents ({latent_shape[1]}) + mask ({mask.shape[1]}) "
                              f"+ masked_image_latents ({masked_image_latents.shape[1]}) make "
-                             f"{latent_channels + mask.shape[1] + masked_image_latents.shape[1]}")
+                             f"{latent_shape[1] + mask.shape[1] + masked_image_latents.shape[1]}")
 
-        # What callbacks see of the mask: the UNet's batch (doubled with guidance), as in diffusers.
-        state = {
-            "mask": np.concatenate([mask, mask]) if do_cfg else mask,
-            "masked_image_latents":
-                np.concatenate([masked_image_latents] * 2) if do_cfg else masked_image_latents,
-        }
-
-        after_step = None
-        if in_channels == 4:
-            def after_step(i, t, current):
-                # Keep the known region: the image latents at the noise level of the next step.
-                known = image_latents
-                if i < len(timesteps) - 1:
-                    known = scheduler.add_noise(image_latents, noise, np.asarray([timesteps[i + 1]]))
-                repaint = state["mask"][: current.shape[0]]  # the first half with guidance
-                return (1 - repaint) * known + repaint * current
-
+        # 5. Denoise: a 9-channel UNet reads mask and masked image as extra channels; with a
+        # 4-channel one the known region is put back after every step.
+        region = _MaskedRegion(mask, masked_image_latents, do_cfg, nine_channels)
+        known = None if nine_channels else _KnownRegion(region, image_latents, noise, timesteps, scheduler)
         callback = None
         loop_inputs = tuple(callback_on_step_end_tensor_inputs)
         if callback_on_step_end is not None:
-            asked = loop_inputs
-            loop_inputs = tuple(k for k in asked if k in _LOOP_TENSOR_INPUTS)
-
-            def callback(pipe, i, t, tensors):
-                tensors = dict(tensors)
-                for name in ("mask", "masked_image_latents"):
-                    if name in asked:
-                        tensors[name] = state[name]
-                changed = dict(callback_on_step_end(pipe, i, t, tensors) or {})
-                replaced = False
-                for name in ("mask", "masked_image_latents"):
-                    if name in changed:
-                        state[name] = np.asarray(changed.pop(name), dtype=np.float32)
-                        replaced = True
-                if replaced and in_channels == 9:  # the next UNet calls read the new channels
-                    changed["conditioning"] = np.concatenate([state["mask"], state["masked_image_latents"]], axis=1)
-                return changed
-
+            callback = _MaskCallback(region, callback_on_step_end, loop_inputs)
+            loop_inputs = tuple(k for k in loop_inputs if k in _LOOP_TENSOR_INPUTS)
         latents = self.denoise(
             latents, timesteps, scheduler, prompt_embeds, negative_prompt_embeds if do_cfg else None, guidance_scale,
             generator=generator, eta=eta,
-            conditioning=np.concatenate([mask, masked_image_latents], axis=1) if in_channels == 9 else None,
-            after_step=after_step, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=loop_inputs,
+            conditioning=np.concatenate([mask, masked_image_latents], axis=1) if nine_channels else None,
+            after_step=known, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=loop_inputs,
         )
+
+        # 6. Decode, and paste a padding_mask_crop region back over the original.
         images = self.decode(latents, output_type)
         if padding_mask_crop is not None:
             images = [self.image_processor.apply_overlay(mask_image, image, generated, crops_coords)
                       for generated in images]
         return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)
+
+
+class _MaskedRegion:
+    """The mask and the masked image's latents as the UNet batch sees them (doubled with guidance,
+    as diffusers hands them to callbacks); callbacks may replace them."""
+
+    def __init__(self, mask, masked_image_latents, do_cfg: bool, nine_channels: bool):
+        twice = (lambda a: np.concatenate([a, a])) if do_cfg else (lambda a: a)
+        self.tensors = {"mask": twice(mask), "masked_image_latents": twice(masked_image_latents)}
+        self.nine_channels = nine_channels
+
+    def conditioning(self) -> np.ndarray:
+        """The UNet batch's extra channels (doubled with guidance), after a callback replaced them."""
+        return np.concatenate([self.tensors["mask"], self.tensors["masked_image_latents"]], axis=1)
+
+
+class _KnownRegion:
+    """After each step with a 4-channel UNet: keep the known region, as diffusers does — the image
+    latents at the noise level of the next step outside the mask, the sampler's latents inside."""
+
+    def __init__(self, region: _MaskedRegion, image_latents, noise, timesteps, scheduler):
+        self.region, self.image_latents, self.noise = region, image_latents, noise
+        self.timesteps, self.scheduler = timesteps, scheduler
+
+    def __call__(self, i, t, current):
+        known = self.image_latents
+        if i < len(self.timesteps) - 1:
+            known = self.scheduler.add_noise(self.image_latents, self.noise, np.asarray([self.timesteps[i + 1]]))
+        repaint = self.region.tensors["mask"][: current.shape[0]]  # the first half with guidance
+        return (1 - repaint) * known + repaint * current
+
+
+class _MaskCallback:
+    """The user's `callback_on_step_end` with the mask tensors added to what it may read and
+    replace; a replaced mask reaches the next UNet calls of a 9-channel model as new conditioning."""
+
+    def __init__(self, region: _MaskedRegion, callback, asked):
+        self.region, self.callback, self.asked = region, callback, asked
+
+    def __call__(self, pipe, i, t, tensors):
+        tensors = dict(tensors)
+        for name in self.region.tensors:
+            if name in self.asked:
+                tensors[name] = self.region.tensors[name]
+        changed = dict(self.callback(pipe, i, t, tensors) or {})
+        replaced = [name for name in self.region.tensors if name in changed]
+        for name in replaced:
+            self.region.tensors[name] = np.asarray(changed.pop(name), dtype=np.float32)
+        if replaced and self.region.nine_channels:
+            changed["conditioning"] = self.region.conditioning()
+        return changed
