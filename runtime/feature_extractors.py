@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from PIL import Image
 
-from .image_processor import PIL_INTERPOLATION
 from .model_files import read_json
+from .resampling import pil_resize_chw, resample_filter, rescale
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -70,55 +70,6 @@ def _as_format(value) -> str | None:
     if value not in (_FIRST, _LAST):
         raise ValueError(f"input_data_format must be 'channels_first' or 'channels_last', got {value!r}")
     return value
-
-
-def _rescale(image: np.ndarray, scale: float) -> np.ndarray:
-    """transformers' `rescale`: multiply in float64, store float32."""
-    return (image.astype(np.float64) * scale).astype(np.float32)
-
-
-def _needs_rescale_for_pil(image: np.ndarray) -> bool:
-    """Whether a CHW array must be scaled by 255 before Pillow sees it (floats in [0, 1])."""
-    if image.dtype == np.uint8:
-        return False
-    if np.allclose(image, image.astype(int)):
-        if np.all(image >= 0) and np.all(image <= 255):
-            return False
-        raise ValueError(
-            "The image to be converted to a PIL image contains values outside the range [0, 255], "
-            f"got [{image.min()}, {image.max()}] which cannot be converted to uint8."
-        )
-    if np.all(image >= 0) and np.all(image <= 1):
-        return True
-    raise ValueError(
-        "The image to be converted to a PIL image contains values outside the range [0, 1], "
-        f"got [{image.min()}, {image.max()}] which cannot be converted to uint8."
-    )
-
-
-def _pil_resize_chw(image: np.ndarray, height: int, width: int, resample, reducing_gap=None) -> np.ndarray:
-    """Resize a CHW array with Pillow, as transformers' `image_transforms.resize` does: floats in
-    [0, 1] are scaled to [0, 255] and truncated to uint8 first, and scaled back by 1/255 after."""
-    rescaled = _needs_rescale_for_pil(image)
-    hwc = np.moveaxis(image, 0, -1)
-    if hwc.shape[-1] == 1:
-        hwc = hwc[..., 0]
-    if rescaled:
-        hwc = _rescale(hwc, 255)
-    pil = Image.fromarray(hwc.astype(np.uint8))
-    out = np.array(pil.resize((width, height), resample=resample, reducing_gap=reducing_gap))
-    if out.ndim == 2:
-        out = out[..., None]
-    out = np.moveaxis(out, -1, 0)
-    return _rescale(out, 1 / 255) if rescaled else out
-
-
-def _resample_filter(resample):
-    if resample is None:
-        return Image.Resampling.BILINEAR
-    if isinstance(resample, str):
-        return PIL_INTERPOLATION[resample.lower()]
-    return Image.Resampling(int(resample))
 
 
 class _PilBackendProcessor:
@@ -300,7 +251,7 @@ class _PilBackendProcessor:
 
     def _resize(self, image: np.ndarray, options: dict) -> np.ndarray:
         height, width = self._output_size(image, options["size"], options)
-        return _pil_resize_chw(image, height, width, _resample_filter(options.get("resample")))
+        return pil_resize_chw(image, height, width, resample_filter(options.get("resample")))
 
     @staticmethod
     def _center_crop(image: np.ndarray, size: dict) -> np.ndarray:
@@ -348,7 +299,7 @@ class _PilBackendProcessor:
         if options.get("do_center_crop"):
             image = self._center_crop(image, options["crop_size"])
         if options.get("do_rescale"):
-            image = _rescale(image, options["rescale_factor"])
+            image = rescale(image, options["rescale_factor"])
         if options.get("do_normalize"):
             image = self._normalize(image, options["image_mean"], options["image_std"])
         return image
@@ -510,13 +461,13 @@ class DPTImageProcessor(_PilBackendProcessor):
             else:
                 scale_w = scale_h
         height, width = constrain(scale_h * in_h), constrain(scale_w * in_w)
-        return _pil_resize_chw(image, height, width, _resample_filter(options.get("resample")))
+        return pil_resize_chw(image, height, width, resample_filter(options.get("resample")))
 
     def _process_one(self, image: np.ndarray, options: dict) -> np.ndarray:
         if options.get("do_resize"):
             image = self._resize(image, options)
         if options.get("do_rescale"):
-            image = _rescale(image, options["rescale_factor"])
+            image = rescale(image, options["rescale_factor"])
         if options.get("do_normalize"):
             image = self._normalize(image, options["image_mean"], options["image_std"])
         if options.get("do_pad") and options.get("size_divisor") is not None:

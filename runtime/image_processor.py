@@ -22,17 +22,9 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-# Resampling filters by the names diffusers' configs use (diffusers.utils.PIL_INTERPOLATION).
-PIL_INTERPOLATION = {
-    "linear": Image.Resampling.BILINEAR,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "nearest": Image.Resampling.NEAREST,
-}
+from .resampling import PIL_INTERPOLATION, resize_nearest_nchw
 
 __all__ = [
-    "PIL_INTERPOLATION",
     "VaeImageProcessor",
     "is_valid_image",
     "is_valid_image_imagelist",
@@ -79,32 +71,6 @@ class _FrozenConfig(dict):
         return type(self), (dict(self),)
 
 
-def _torch_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source index of every output index for torch's legacy `mode="nearest"` interpolation.
-
-    torch (ATen `nearest_idx`): an equal size copies, a doubled size takes `i >> 1`, any other
-    size takes `min(floor(i * s), in - 1)` with `s = float(in) / out` and the product computed in
-    float32.  Reproducing the float32 arithmetic makes the indices, hence the arrays, identical.
-    """
-    if out_size <= 0 or in_size <= 0:
-        raise ValueError(f"Input and output sizes should be greater than 0, got input {in_size}, output {out_size}")
-    positions = np.arange(out_size, dtype=np.int64)
-    if out_size == in_size:
-        return positions
-    if out_size == 2 * in_size:
-        return positions >> 1
-    scale = np.float32(in_size) / np.float32(out_size)
-    source = np.floor(positions.astype(np.float32) * scale).astype(np.int64)
-    return np.minimum(source, in_size - 1)
-
-
-def _resize_nearest_nchw(images: np.ndarray, height: int, width: int) -> np.ndarray:
-    """`torch.nn.functional.interpolate(images, size=(height, width))` (mode "nearest") on NCHW numpy."""
-    rows = _torch_nearest_indices(images.shape[2], height)
-    cols = _torch_nearest_indices(images.shape[3], width)
-    return np.ascontiguousarray(images[:, :, rows][:, :, :, cols])
-
-
 class VaeImageProcessor:
     """Pre- and postprocessing of the images a VAE encodes and decodes; diffusers' VaeImageProcessor.
 
@@ -129,7 +95,7 @@ class VaeImageProcessor:
     * numpy inputs (HWC, NHWC or HW, NHW for masks, values in [0, 1]) are resized as diffusers
       resizes them: with torch's default `interpolate(mode="nearest")`, which is not a smoothing
       filter but picks source pixel `floor(i * in/out)` computed in float32.  That index rule is
-      reproduced exactly (see `_torch_nearest_indices`), so the results are identical (tested
+      reproduced exactly (see `torch_nearest_indices`), so the results are identical (tested
       for exact equality).  Float inputs are processed in their own dtype, like diffusers, and
       the result is cast to float32 at the end (diffusers would return a float64 tensor for a
       float64 array).
@@ -400,7 +366,7 @@ class VaeImageProcessor:
                 return self._resize_and_crop(image, width, height)
             raise ValueError(f"resize_mode {resize_mode} is not supported")
         if isinstance(image, np.ndarray):
-            resized = _resize_nearest_nchw(self.numpy_to_nchw(image), height, width)
+            resized = resize_nearest_nchw(self.numpy_to_nchw(image), height, width)
             return self.nchw_to_numpy(resized)
         raise TypeError(f"Cannot resize an object of type {type(image).__name__}")
 
@@ -475,7 +441,7 @@ class VaeImageProcessor:
             factor = config.vae_scale_factor
             height, width = height - height % factor, width - width % factor
             if config.do_resize:
-                batch = _resize_nearest_nchw(batch, height, width)
+                batch = resize_nearest_nchw(batch, height, width)
 
         do_normalize = config.do_normalize
         if do_normalize and batch.min() < 0:

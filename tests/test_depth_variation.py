@@ -201,7 +201,7 @@ def test_export_rejects_depth_model_without_depth_channel(tmp_path, depth_model)
 def test_bicubic_resize_equals_torch():
     import torch
 
-    from sdort.runtime.pipelines.depth_to_image import resize_bicubic
+    from sdort.runtime.resampling import resize_bicubic
 
     rng = np.random.default_rng(0)
     for h, w, oh, ow in [(64, 64, 8, 8), (37, 53, 9, 7), (5, 6, 12, 17), (8, 8, 8, 8), (100, 30, 13, 31)]:

@@ -33,7 +33,8 @@ from sdort.runtime.feature_extractors import (  # noqa: E402
     CLIPImageProcessor,
     DPTImageProcessor,
 )
-from sdort.runtime.image_processor import VaeImageProcessor, _torch_nearest_indices  # noqa: E402
+from sdort.runtime.image_processor import VaeImageProcessor  # noqa: E402
+from sdort.runtime.resampling import torch_nearest_indices  # noqa: E402
 
 RefVae = diffusers_ip.VaeImageProcessor
 RefClip = clip_pil.CLIPImageProcessorPil
@@ -87,7 +88,7 @@ def test_nearest_indices_match_torch_interpolate():
         row = torch.arange(in_size, dtype=torch.float32).reshape(1, 1, 1, in_size)
         for out_size in (1, 2, 3, 8, 48, 53, 64, 66, 67, 95, 96, 128, 134, 190, 260, 1025, 2046):
             ref = torch.nn.functional.interpolate(row, size=(1, out_size)).reshape(-1).numpy().astype(np.int64)
-            got = _torch_nearest_indices(in_size, out_size)
+            got = torch_nearest_indices(in_size, out_size)
             np.testing.assert_array_equal(got, ref, err_msg=f"{in_size}->{out_size}")
 
 

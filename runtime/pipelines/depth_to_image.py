@@ -16,59 +16,13 @@ import numpy as np
 from PIL import Image
 
 from ..feature_extractors import DPTImageProcessor
+from ..resampling import resize_bicubic
 from .base import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps, tile_to_batch
 from .checks import check_common_inputs, check_strength
 
 logger = logging.getLogger("sdort")
 
 # Tensors a `callback_on_step_end` may ask for (diffusers also offers "depth_mask").
-
-_CUBIC_A = -0.75  # torch's (and OpenCV's) cubic convolution constant
-
-
-def _cubic_weights(t: np.ndarray) -> np.ndarray:
-    """The four cubic-convolution weights for fractional offsets `t` ([n] -> [n, 4]), as torch's
-    `get_cubic_upsample_coefficients`: taps at -1, 0, 1, 2 around the floor of the source position."""
-    a = _CUBIC_A
-
-    def near(x):  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
-
-
-def _bicubic_axis(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Source indices [out, 4] and weights [out, 4] along one axis for torch's
-    `interpolate(mode="bicubic", align_corners=False)` given an output size.
-
-    torch: scale = in / out; source position = scale * (i + 0.5) - 0.5, not clamped for cubic;
-    taps floor(position) - 1 ... + 2, each clamped to the border (replicate padding).
-    """
-    scale = np.float32(in_size) / np.float32(out_size)
-    position = scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
-    floor = np.floor(position)
-    weights = _cubic_weights((position - floor).astype(np.float64))
-    taps = floor.astype(np.int64)[:, None] + np.arange(-1, 3)[None, :]
-    return np.clip(taps, 0, in_size - 1), weights
-
-
-def resize_bicubic(images: np.ndarray, height: int, width: int) -> np.ndarray:
-    """`torch.nn.functional.interpolate(images, size=(height, width), mode="bicubic",
-    align_corners=False)` on an NCHW array, without antialiasing (as torch's default).
-
-    Separable: rows then columns, in float64, returned in the input's float dtype.
-    """
-    images = np.asarray(images)
-    rows, row_weights = _bicubic_axis(images.shape[2], height)
-    cols, col_weights = _bicubic_axis(images.shape[3], width)
-    x = images.astype(np.float64)
-    x = np.einsum("nchkw,hk->nchw", x[:, :, rows, :], row_weights)
-    x = np.einsum("nchwk,wk->nchw", x[:, :, :, cols], col_weights)
-    return x.astype(images.dtype if np.issubdtype(images.dtype, np.floating) else np.float32)
-
 
 def normalize_depth(depth: np.ndarray) -> np.ndarray:
     """Each map of an N1HW batch scaled to [-1, 1] by its own minimum and maximum (diffusers'
