@@ -3,7 +3,7 @@
 from .feature_extractors import CLIPImageProcessor, DPTImageProcessor
 from .image_processor import VaeImageProcessor
 from .pipelines import (
-    DiffusionPipeline,
+    OnnxDiffusionPipeline,
     NumericalError,
     StableDiffusionDepth2ImgPipeline,
     StableDiffusionImageVariationPipeline,
@@ -20,7 +20,7 @@ __all__ = [
     "CLIPImageProcessor",
     "CLIPTokenizer",
     "DPTImageProcessor",
-    "DiffusionPipeline",
+    "OnnxDiffusionPipeline",
     "NumericalError",
     "OnnxModel",
     "PhiloxGenerator",

@@ -6,7 +6,7 @@ what it adds: where the schedule starts, how the first latents are made, which c
 reads besides the latents. A new pipeline (SDXL, an upscaler) is a new module here.
 """
 
-from .base import DiffusionPipeline, StableDiffusionPipelineOutput
+from .base import OnnxDiffusionPipeline, StableDiffusionPipelineOutput, TextConditionedPipeline
 from .checks import NumericalError
 from .depth_to_image import StableDiffusionDepth2ImgPipeline
 from .image_to_image import StableDiffusionImg2ImgPipeline
@@ -15,7 +15,8 @@ from .inpaint import StableDiffusionInpaintPipeline
 from .text_to_image import StableDiffusionPipeline
 
 __all__ = [
-    "DiffusionPipeline",
+    "OnnxDiffusionPipeline",
+    "TextConditionedPipeline",
     "NumericalError",
     "StableDiffusionDepth2ImgPipeline",
     "StableDiffusionImageVariationPipeline",

@@ -26,6 +26,7 @@ from ..randomness import as_generator, randn_tensor
 from ..sessions import OnnxModel
 from ..tokenizer import CLIPTokenizer
 from .checks import check_finite, check_finite_output, memory_bytes
+from .prompts import PromptEncoder
 
 logger = logging.getLogger("sdort")
 
@@ -110,11 +111,15 @@ def unet_in_channels(unet) -> int | None:
     return int(channels) if isinstance(channels, (int, np.integer)) else None
 
 
-class DiffusionPipeline:
-    """Base of sdort's Stable Diffusion pipelines: the loaded parts and the shared denoising machinery."""
+class OnnxDiffusionPipeline:
+    """Base of sdort's Stable Diffusion pipelines: the loaded parts and the shared denoising machinery.
+
+    What conditions the UNet is the task's own piece: prompts for `TextConditionedPipeline`
+    (below), a CLIP image embedding for image variation.
+    """
 
     # Parts (folder names) every pipeline of this class needs, and those it uses when present.
-    required_parts = ("text_encoder", "unet", "vae_decoder")
+    required_parts = ("unet", "vae_decoder")
     optional_parts = ("vae_encoder",)
     # diffusers' text-conditioned SD pipelines correct old scheduler configs when built; the
     # depth and image-variation pipelines do not.
@@ -125,17 +130,14 @@ class DiffusionPipeline:
     # Tensors a `callback_on_step_end` may ask for (diffusers' `_callback_tensor_inputs`).
     callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
-    def __init__(self, text_encoder, tokenizer, unet, vae_decoder, scheduler, vae_encoder=None, **extra_parts):
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
+    def __init__(self, unet, vae_decoder, scheduler, vae_encoder=None, **extra_parts):
         self.unet = unet
         self.vae_decoder = vae_decoder
         self.vae_encoder = vae_encoder
         self.scheduler = legacy_scheduler_fixes(scheduler) if self.legacy_scheduler_fix else scheduler
         for name, part in extra_parts.items():
             setattr(self, name, part)
-        self._component_names = ["text_encoder", "tokenizer", "unet", "vae_decoder", "vae_encoder", "scheduler",
-                                 *extra_parts]
+        self._component_names = ["unet", "vae_decoder", "vae_encoder", "scheduler", *extra_parts]
         self.vae_scale_factor = 2 ** (len(vae_decoder.config.get("block_out_channels", [0] * 4)) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._progress_bar_config = {}
@@ -189,7 +191,7 @@ class DiffusionPipeline:
             read_json(path / "model_index.json")  # a malformed index names itself, not a later symptom
         # The small files first, so that a bad config fails before the sessions take their time.
         parts = {}
-        if "tokenizer" not in overrides:
+        if "tokenizer" not in overrides and "text_encoder" in cls.required_parts:
             parts["tokenizer"] = CLIPTokenizer.from_pretrained(path / "tokenizer")
         if "scheduler" not in overrides:
             config_path = path / "scheduler" / "scheduler_config.json"
@@ -213,35 +215,6 @@ class DiffusionPipeline:
     def set_progress_bar_config(self, **kwargs):
         """As diffusers: e.g. `pipe.set_progress_bar_config(disable=True)`."""
         self._progress_bar_config = kwargs
-
-    # ---- prompts -------------------------------------------------------------------------
-
-    def _embed(self, prompts: list[str], warn: bool = True) -> np.ndarray:
-        ids = self.tokenizer(prompts, warn=warn)
-        return self.text_encoder(input_ids=ids)["last_hidden_state"].astype(np.float32)
-
-    def encode_prompt(self, prompt, num_images_per_prompt: int, do_classifier_free_guidance: bool,
-                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None):
-        """Text embeddings for the prompts, each repeated `num_images_per_prompt` times; and, with
-        guidance, the negative ones (empty prompts when none given). Matches diffusers' encode_prompt."""
-        if prompt_embeds is None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds = self._embed(prompts)
-        prompt_embeds = np.asarray(prompt_embeds, dtype=np.float32)
-        batch_size = prompt_embeds.shape[0]
-        if do_classifier_free_guidance and negative_prompt_embeds is None:
-            if negative_prompt is None:
-                negatives = [""] * batch_size
-            elif isinstance(negative_prompt, str):
-                negatives = [negative_prompt] * batch_size
-            else:
-                negatives = list(negative_prompt)
-            negative_prompt_embeds = self._embed(negatives, warn=False)  # diffusers warns for prompts only
-        # diffusers: embeds.repeat(1, n, 1).view(batch * n, seq, dim), i.e. each prompt n times in a row
-        prompt_embeds = np.repeat(prompt_embeds, num_images_per_prompt, axis=0)
-        if negative_prompt_embeds is not None:
-            negative_prompt_embeds = np.repeat(np.asarray(negative_prompt_embeds, np.float32), num_images_per_prompt, 0)
-        return prompt_embeds, negative_prompt_embeds
 
     # ---- images --------------------------------------------------------------------------
 
@@ -464,3 +437,20 @@ class DiffusionPipeline:
     def fresh_scheduler(scheduler):
         """A copy of the scheduler for one call, so concurrent calls never share step counters."""
         return copy.deepcopy(scheduler)
+
+
+class TextConditionedPipeline(OnnxDiffusionPipeline):
+    """A pipeline conditioned by prompts: it has a `PromptEncoder` (tokenizer + text encoder)."""
+
+    required_parts = ("text_encoder", "unet", "vae_decoder")
+
+    def __init__(self, text_encoder, tokenizer, unet, vae_decoder, scheduler, vae_encoder=None, **extra_parts):
+        super().__init__(unet, vae_decoder, scheduler, vae_encoder,
+                         text_encoder=text_encoder, tokenizer=tokenizer, **extra_parts)
+        self.prompt_encoder = PromptEncoder(tokenizer, text_encoder)
+
+    def encode_prompt(self, prompt, num_images_per_prompt: int, do_classifier_free_guidance: bool,
+                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None):
+        """diffusers' `encode_prompt`: see `PromptEncoder.__call__`."""
+        return self.prompt_encoder(prompt, num_images_per_prompt, do_classifier_free_guidance,
+                                   negative_prompt, prompt_embeds, negative_prompt_embeds)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..feature_extractors import DPTImageProcessor
 from ..resampling import resize_bicubic
-from .base import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps, tile_to_batch
+from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps, tile_to_batch
 from .checks import check_common_inputs, check_strength
 
 logger = logging.getLogger("sdort")
@@ -79,7 +79,7 @@ def load_depth_map(depth_map) -> np.ndarray:
     return depth_map.astype(np.float32)
 
 
-class StableDiffusionDepth2ImgPipeline(DiffusionPipeline):
+class StableDiffusionDepth2ImgPipeline(TextConditionedPipeline):
     """Depth-guided image-to-image with diffusers' parameters, defaults and output.
 
     Needs a UNet with one channel more than the latents (the depth map). Without a `depth_map`

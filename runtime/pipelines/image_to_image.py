@@ -6,11 +6,11 @@ are the encoded image noised to that point.
 
 from __future__ import annotations
 
-from .base import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
+from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
 from .checks import check_common_inputs, check_strength
 
 
-class StableDiffusionImg2ImgPipeline(DiffusionPipeline):
+class StableDiffusionImg2ImgPipeline(TextConditionedPipeline):
     """Image-to-image with diffusers' parameters, defaults and output."""
 
     required_parts = ("text_encoder", "unet", "vae_decoder", "vae_encoder")

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..feature_extractors import CLIPImageProcessor
-from .base import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
+from .base import OnnxDiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
 from .checks import check_generation_inputs
 
 
@@ -31,7 +31,7 @@ def check_variation_inputs(image, height, width, num_inference_steps, guidance_s
         raise ValueError(f"callback_steps must be a positive integer; got {callback_steps!r}")
 
 
-class StableDiffusionImageVariationPipeline(DiffusionPipeline):
+class StableDiffusionImageVariationPipeline(OnnxDiffusionPipeline):
     """Variations of an image, with diffusers' parameters, defaults and output.
 
     Parts: `image_encoder` (CLIP vision model with projection: pixel_values -> image_embeds),
@@ -46,8 +46,8 @@ class StableDiffusionImageVariationPipeline(DiffusionPipeline):
     legacy_scheduler_fix = False
 
     def __init__(self, unet, vae_decoder, scheduler, image_encoder=None, feature_extractor=None,
-                 text_encoder=None, tokenizer=None, vae_encoder=None, **extra_parts):
-        super().__init__(text_encoder, tokenizer, unet, vae_decoder, scheduler, vae_encoder,
+                 vae_encoder=None, **extra_parts):
+        super().__init__(unet, vae_decoder, scheduler, vae_encoder,
                          image_encoder=image_encoder,
                          feature_extractor=feature_extractor if feature_extractor is not None else CLIPImageProcessor(),
                          **extra_parts)
@@ -55,15 +55,10 @@ class StableDiffusionImageVariationPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, path, provider: str = "auto", session_options=None, **overrides):
         """Load an exported image-variation model (no tokenizer folder needed)."""
-        overrides.setdefault("tokenizer", None)
         if "feature_extractor" not in overrides:
             config = Path(path) / "feature_extractor" / "preprocessor_config.json"
             overrides["feature_extractor"] = CLIPImageProcessor.from_pretrained(config) if config.is_file() else None
         return super().from_pretrained(path, provider=provider, session_options=session_options, **overrides)
-
-    def encode_prompt(self, *args, **kwargs):
-        raise TypeError(f"{type(self).__name__} has no text encoder; it is conditioned by an image "
-                        "(see encode_image_embeddings)")
 
     @staticmethod
     def _is_pixel_values(image) -> bool:

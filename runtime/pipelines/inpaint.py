@@ -23,11 +23,11 @@ from PIL import Image
 
 from ..image_processor import VaeImageProcessor
 from ..randomness import randn_tensor
-from .base import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps, tile_to_batch
+from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps, tile_to_batch
 from .checks import check_common_inputs, check_strength
 
 # Those the shared loop itself hands to callbacks; the mask ones are added here.
-_LOOP_TENSOR_INPUTS = DiffusionPipeline.callback_tensor_inputs
+_LOOP_TENSOR_INPUTS = TextConditionedPipeline.callback_tensor_inputs
 
 
 def _first(generator, count: int):
@@ -35,14 +35,14 @@ def _first(generator, count: int):
     return generator[:count] if isinstance(generator, list) else generator
 
 
-class StableDiffusionInpaintPipeline(DiffusionPipeline):
+class StableDiffusionInpaintPipeline(TextConditionedPipeline):
     """Inpainting with diffusers' parameters, defaults and output; 9-channel inpainting UNets and
     ordinary 4-channel ones."""
 
     required_parts = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
     optional_parts = ()
     conditioning_channels = (0, 5)  # 4-channel UNet, or 9: + mask + masked image latents
-    callback_tensor_inputs = (*DiffusionPipeline.callback_tensor_inputs, "mask", "masked_image_latents")
+    callback_tensor_inputs = (*TextConditionedPipeline.callback_tensor_inputs, "mask", "masked_image_latents")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .base import DiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
+from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
 from .checks import check_common_inputs
 
 
-class StableDiffusionPipeline(DiffusionPipeline):
+class StableDiffusionPipeline(TextConditionedPipeline):
     """Text-to-image, with diffusers' `StableDiffusionPipeline.__call__` parameters, defaults and output."""
 
     def __call__(
