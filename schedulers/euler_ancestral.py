@@ -8,6 +8,9 @@ v_prediction, the three timestep spacings, zero-terminal-SNR rescaling.
 Limitations: no custom timesteps/sigmas and no karras sigmas (diffusers' class has none either);
 ``sample`` prediction is refused (diffusers raises NotImplementedError at step time, sdort when
 the scheduler is built). float16 model outputs are computed in float32 and returned in float16.
+sigma_up and sigma_down are computed without the cancellation of diffusers' sqrt(sigma_to^2 - sigma_up^2)
+(``schedule.ancestral_sigmas``), so they are within an ulp of their exact values where diffusers' carry
+(sigma_from / sigma_to)^2 ulps of rounding noise.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from .schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
     alphas_from_betas,
+    ancestral_sigmas,
     interp_sigmas,
     make_betas,
     rescale_zero_terminal_snr,
@@ -111,10 +115,9 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
 
         sigma_from = sigma
         sigma_to = self.sigmas[self._step_index + 1]
-        # sigma_up = sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2);  sigma_down = sqrt(sigma_to^2 - sigma_up^2)
-        from2, to2 = sigma_from * sigma_from, sigma_to * sigma_to
-        sigma_up = np.sqrt(to2 * (from2 - to2) / from2)
-        sigma_down = np.sqrt(to2 - sigma_up * sigma_up)
+        # sigma_up = sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2);
+        # sigma_down = sqrt(sigma_to^2 - sigma_up^2), evaluated without its cancellation (see ancestral_sigmas)
+        sigma_up, sigma_down = ancestral_sigmas(sigma_from, sigma_to)
 
         # Euler step to sigma_down, then fresh noise of std sigma_up
         derivative = (sample - pred_original_sample) / sigma

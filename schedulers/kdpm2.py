@@ -19,7 +19,12 @@ Limitations: ``sample`` prediction is refused when the scheduler is built (diffu
 NotImplementedError at the first step); no custom timesteps/sigmas and no zero-terminal-SNR
 rescaling (diffusers' classes have neither). The midpoint sigmas need float32 log/exp, which sdort
 rounds correctly while torch's may be off by one ulp, so ``sigmas_interpol`` and the midpoint
-timesteps can differ from diffusers' in the last float32 bit. The sample is computed in float32
+timesteps can differ from diffusers' in the last float32 bit. The ancestral sampler's sigma_up and
+sigma_down are computed without the cancellation of diffusers' sqrt(sigma_next^2 - sigma_up^2)
+(``schedule.ancestral_sigmas``): within an ulp of their exact values, where diffusers' carry
+(sigma / sigma_next)^2 ulps of rounding noise, and with them the midpoint (which is sigma_next in exact
+arithmetic) and its timestep; diffusers' nan midpoints (cosine betas, where the noise is all of
+sigma_down) are finite here. The sample is computed in float32
 (float64 stays float64) and returned in ``model_output``'s dtype.
 """
 
@@ -35,6 +40,7 @@ from .schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
     alphas_from_betas,
+    ancestral_sigmas,
     chosen_sigma_schedule,
     discrete_sigma_schedule,
     make_betas,
@@ -222,14 +228,12 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Base):
         timesteps, sigmas, log_sigmas = self._step_sigmas(num_inference_steps, num_train_timesteps)
         sigmas_next = np.roll(sigmas, -1)
         sigmas_next[-1] = 0.0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            # sigma_up = sqrt(s_next^2 (s^2 - s_next^2) / s^2);  sigma_down = sqrt(s_next^2 - sigma_up^2)
-            # (the last entries, where s = 0, are nan and unused: sigmas_down's is set to 0 as in diffusers)
-            sq, sq_next = sigmas * sigmas, sigmas_next * sigmas_next
-            sigmas_up = np.sqrt(sq_next * (sq - sq_next) / sq)
-            sigmas_down = np.sqrt(sq_next - sigmas_up * sigmas_up)
+        # sigma_up = sqrt(s_next^2 (s^2 - s_next^2) / s^2), sigma_down = sqrt(s_next^2 - sigma_up^2) = s_next^2 / s,
+        # in the form without cancellation (see ancestral_sigmas). The last entries, where s = 0, are nan and
+        # unused: sigmas_down's is set to 0 as in diffusers.
+        sigmas_up, sigmas_down = ancestral_sigmas(sigmas, sigmas_next)
         sigmas_down[-1] = 0.0
-        # sigma_mid_i = exp((log sigma_i + log sigma_down_i) / 2)
+        # sigma_mid_i = exp((log sigma_i + log sigma_down_i) / 2), which is sigma_{i+1} in exact arithmetic
         sigmas_interpol = log_midpoint_f32(sigmas, sigmas_down)
         sigmas_interpol[-2:] = 0.0
 

@@ -9,6 +9,9 @@ to the last bit or within one float32 rounding:
 * sigma schedules (karras, exponential, beta, lu) and ``sigma_to_t`` work in float64 like diffusers;
   callers cast to float32 where diffusers does.
 * ``beta_ppf`` replaces ``scipy.stats.beta.ppf`` (scipy is not a dependency), to ~1e-15.
+* the exception: ``ancestral_sigmas`` evaluates the ancestral step's sigmas without the cancellation of
+  diffusers' formula, so they are within an ulp of the exact values where diffusers' float32 ones carry
+  (sigma / sigma_next)^2 ulps of rounding noise.
 
 Names follow the reference: alpha_bar (``alphas_cumprod``), beta, sigma = sqrt((1-alpha_bar)/alpha_bar).
 """
@@ -218,6 +221,32 @@ def sigma_to_t(sigma, log_sigmas) -> np.ndarray:
     w = np.clip((low - log_sigma) / (low - high), 0, 1)
     t = (1 - w) * low_idx + w * high_idx
     return t.reshape(sigma.shape)
+
+
+def ancestral_sigmas(sigma_from, sigma_to):
+    """(sigma_up, sigma_down) of an ancestral step from ``sigma_from`` to ``sigma_to`` (k-diffusion, eta = 1).
+
+    The noise added has variance sigma_up^2 = sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2 and the
+    deterministic part ends at sigma_down^2 = sigma_to^2 - sigma_up^2, which is exactly sigma_to^4 / sigma_from^2.
+    Evaluated in that textbook form (diffusers' float32 one), sigma_down^2 is the difference of two nearly equal
+    squares: one ulp of the rounded sigma_up becomes (sigma_from / sigma_to)^2 ulps of sigma_down^2 (82 on
+    Stable Diffusion's first step of three, millions with the cosine betas' first steps), so that its last bits,
+    or all of them, are the noise of how the square root was rounded (a correctly rounded root can even give
+    sigma_down = 0 and a nan midpoint). Here, without the cancellation:
+
+        sigma_down = sigma_to^2 / sigma_from,
+        sigma_up = sigma_to * sqrt((sigma_from - sigma_to) (sigma_from + sigma_to)) / sigma_from,
+
+    in float64 (where the difference and the sum of two float32 sigmas are exact) and rounded once to float32:
+    both within an ulp of the exact values. float32 in, float32 out (scalars stay scalars); sigma_from = 0 gives
+    nan (0/0) as the textbook form does, sigma_to = 0 gives 0 and 0.
+    """
+    s = np.asarray(sigma_from, dtype=np.float64)
+    s_next = np.asarray(sigma_to, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma_down = s_next * s_next / s
+        sigma_up = s_next * np.sqrt((s - s_next) * (s + s_next)) / s
+    return sigma_up.astype(np.float32)[()], sigma_down.astype(np.float32)[()]
 
 
 def sigma_to_alpha_sigma_t(sigma, flow: bool = False):
