@@ -20,11 +20,9 @@ from .schedule import (
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
     add_noise_vp,
-    alphas_from_betas,
-    make_betas,
-    rescale_zero_terminal_snr,
-    spaced_timesteps,
     int_timestep,
+    spaced_timesteps,
+    training_schedule,
     velocity_vp,
     vp_prediction_to_x0_eps,
 )
@@ -62,18 +60,11 @@ class DDPMScheduler(SchedulerMixin):
         check_option(name, "prediction_type", prediction_type, PREDICTION_TYPES)
         check_option(name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         check_option(name, "variance_type", variance_type, VARIANCE_TYPES)
-        self.betas = make_betas(
-            num_train_timesteps,
-            beta_start,
-            beta_end,
-            beta_schedule,
-            trained_betas,
-            ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid"),
-            name,
+        self.betas, self.alphas, self.alphas_cumprod = training_schedule(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+            ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid"), name,
+            rescale_zero_snr=rescale_betas_zero_snr,
         )
-        if rescale_betas_zero_snr:
-            self.betas = rescale_zero_terminal_snr(self.betas)
-        self.alphas, self.alphas_cumprod = alphas_from_betas(self.betas)
         self.one = np.float32(1.0)
         self.init_noise_sigma = 1.0
         self.custom_timesteps = False

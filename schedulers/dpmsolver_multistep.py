@@ -42,7 +42,6 @@ from .noise import randn_tensor
 from .schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
-    alphas_from_betas,
     beta_sigmas,
     exp_f32,
     exponential_sigmas,
@@ -52,14 +51,13 @@ from .schedule import (
     linear_combination,
     log_f32,
     lu_lambdas,
-    make_betas,
-    rescale_zero_terminal_snr,
     sigma_range,
     sigma_to_alpha_sigma_t,
     sigma_to_t,
     sigmas_from_alphas_cumprod,
     solver_timesteps,
     sqrt_f32,
+    training_schedule,
 )
 
 ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
@@ -86,12 +84,10 @@ class LogSNRSolverMixin(SchedulerMixin):
 
     def _init_schedule(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale=False):
         name = type(self).__name__
-        self.betas = make_betas(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, BETA_SCHEDULES, name
+        self.betas, self.alphas, self.alphas_cumprod = training_schedule(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, BETA_SCHEDULES, name,
+            rescale_zero_snr=rescale,
         )
-        if rescale:
-            self.betas = rescale_zero_terminal_snr(self.betas)
-        self.alphas, self.alphas_cumprod = alphas_from_betas(self.betas)
         if rescale:
             # alpha_bar_T = 0 would give an infinite sigma: use the smallest float32 step instead
             self.alphas_cumprod[-1] = 2**-24

@@ -31,18 +31,16 @@ from .noise import randn_tensor
 from .schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
-    alphas_from_betas,
     beta_sigmas,
     exponential_sigmas,
     interp_sigmas,
     karras_sigmas,
     linspace_f32,
-    make_betas,
-    rescale_zero_terminal_snr,
     sigma_range,
     sigma_to_t,
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
+    training_schedule,
     velocity_vp,
 )
 
@@ -108,12 +106,10 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         check_option(name, "timestep_type", timestep_type, ("discrete", "continuous"))
         check_option(name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
 
-        self.betas = make_betas(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, BETA_SCHEDULES, name
+        self.betas, self.alphas, self.alphas_cumprod = training_schedule(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, BETA_SCHEDULES, name,
+            rescale_zero_snr=rescale_betas_zero_snr,
         )
-        if rescale_betas_zero_snr:
-            self.betas = rescale_zero_terminal_snr(self.betas)
-        self.alphas, self.alphas_cumprod = alphas_from_betas(self.betas)
         if rescale_betas_zero_snr:
             # alpha_bar_T = 0 would give an infinite sigma: use the smallest float32 step instead
             self.alphas_cumprod[-1] = 2**-24

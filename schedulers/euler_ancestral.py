@@ -23,13 +23,11 @@ from .noise import randn_tensor
 from .schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
-    alphas_from_betas,
     ancestral_sigmas,
     interp_sigmas,
-    make_betas,
-    rescale_zero_terminal_snr,
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
+    training_schedule,
 )
 
 EulerAncestralDiscreteSchedulerOutput = SchedulerOutput
@@ -57,12 +55,10 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
         name = type(self).__name__
         check_option(name, "prediction_type", prediction_type, ("epsilon", "v_prediction"))
         check_option(name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        self.betas = make_betas(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, BETA_SCHEDULES, name
+        self.betas, self.alphas, self.alphas_cumprod = training_schedule(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, BETA_SCHEDULES, name,
+            rescale_zero_snr=rescale_betas_zero_snr,
         )
-        if rescale_betas_zero_snr:
-            self.betas = rescale_zero_terminal_snr(self.betas)
-        self.alphas, self.alphas_cumprod = alphas_from_betas(self.betas)
         if rescale_betas_zero_snr:
             self.alphas_cumprod[-1] = 2**-24
         sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)

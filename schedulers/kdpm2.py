@@ -39,12 +39,11 @@ from .noise import randn_tensor
 from .schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
-    alphas_from_betas,
     ancestral_sigmas,
     chosen_sigma_schedule,
     discrete_sigma_schedule,
-    make_betas,
     sigma_to_t_f32,
+    training_schedule,
 )
 
 KDPM2DiscreteSchedulerOutput = SchedulerOutput
@@ -82,10 +81,9 @@ class _KDPM2Base(SigmaSchedulerMixin):
         chosen_sigma_schedule(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, name)
         check_option(name, "prediction_type", prediction_type, ("epsilon", "v_prediction"))
         check_option(name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        self.betas = make_betas(
+        self.betas, self.alphas, self.alphas_cumprod = training_schedule(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, BETA_SCHEDULES, name
         )
-        self.alphas, self.alphas_cumprod = alphas_from_betas(self.betas)
         self.is_scale_input_called = False
         self.set_timesteps(num_train_timesteps, None, num_train_timesteps)
         self._step_index = None

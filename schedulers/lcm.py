@@ -32,9 +32,7 @@ from .schedule import (
     BETA_SCHEDULES,
     PREDICTION_TYPES,
     add_noise_vp,
-    alphas_from_betas,
-    make_betas,
-    rescale_zero_terminal_snr,
+    training_schedule,
     velocity_vp,
     vp_prediction_to_x0_eps,
 )
@@ -107,12 +105,10 @@ class ConsistencySchedulerMixin(SchedulerMixin):
     ):
         name = type(self).__name__
         check_option(name, "prediction_type", prediction_type, PREDICTION_TYPES)
-        self.betas = make_betas(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, BETA_SCHEDULES, name
+        self.betas, self.alphas, self.alphas_cumprod = training_schedule(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, BETA_SCHEDULES, name,
+            rescale_zero_snr=rescale,
         )
-        if rescale:
-            self.betas = rescale_zero_terminal_snr(self.betas)
-        self.alphas, self.alphas_cumprod = alphas_from_betas(self.betas)
         # alpha_bar after the last step: 1, or alpha_bar_0 ("set_alpha_to_one")
         self.final_alpha_cumprod = np.float32(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma = 1.0

@@ -30,11 +30,10 @@ from .euler import upcast
 from .schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
-    alphas_from_betas,
     chosen_sigma_schedule,
     discrete_sigma_schedule,
     linear_combination,
-    make_betas,
+    training_schedule,
 )
 
 LMSDiscreteSchedulerOutput = SchedulerOutput
@@ -79,10 +78,9 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         chosen_sigma_schedule(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, name)
         check_option(name, "prediction_type", prediction_type, ("epsilon", "v_prediction", "sample"))
         check_option(name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        self.betas = make_betas(
+        self.betas, self.alphas, self.alphas_cumprod = training_schedule(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, BETA_SCHEDULES, name
         )
-        self.alphas, self.alphas_cumprod = alphas_from_betas(self.betas)
         self.num_inference_steps = None
         self.use_karras_sigmas = use_karras_sigmas
         self.set_timesteps(num_train_timesteps, None)

@@ -20,10 +20,9 @@ from .schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
     add_noise_vp,
-    alphas_from_betas,
     int_timestep,
-    make_betas,
     spaced_timesteps,
+    training_schedule,
 )
 
 # Adams-Bashforth coefficients of the linear multistep update, newest model output first,
@@ -57,10 +56,9 @@ class PNDMScheduler(SchedulerMixin):
         name = type(self).__name__
         check_option(name, "prediction_type", prediction_type, ("epsilon", "v_prediction"))
         check_option(name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        self.betas = make_betas(
+        self.betas, self.alphas, self.alphas_cumprod = training_schedule(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, BETA_SCHEDULES, name
         )
-        self.alphas, self.alphas_cumprod = alphas_from_betas(self.betas)
         self.final_alpha_cumprod = np.float32(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma = 1.0
         # PNDM uses a 4th-order Runge-Kutta warm-up and a 4th-order multistep method

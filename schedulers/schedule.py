@@ -131,6 +131,18 @@ def alphas_from_betas(betas):
     return alphas, cumprod_f32(alphas)
 
 
+def training_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas=None,
+                      supported=BETA_SCHEDULES, owner: str = "scheduler", rescale_zero_snr: bool = False):
+    """(betas, alphas, alphas_cumprod) of the training noise schedule, as diffusers' schedulers build
+    them when created: the betas (or `trained_betas`), rescaled to zero terminal SNR if asked, then
+    alpha = 1 - beta and alpha_bar, its running product; float32."""
+    betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, supported, owner)
+    if rescale_zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    alphas, alphas_cumprod = alphas_from_betas(betas)
+    return betas, alphas, alphas_cumprod
+
+
 # ---------------------------------------------------------------------------- timesteps
 def spaced_timesteps(
     num_inference_steps: int,
