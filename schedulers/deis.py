@@ -22,9 +22,10 @@ from __future__ import annotations
 import numpy as np
 
 from .base import SchedulerOutput, check_option, compute_dtype, register_to_config
-from .dpmsolver_multistep import SOLVER_PREDICTION_TYPES, LogSNRSolverMixin, _sample_argument, only_one_sigma_schedule
+from .dpmsolver_multistep import SOLVER_PREDICTION_TYPES, LogSNRSolverMixin, _sample_argument
 from .schedule import (
     TIMESTEP_SPACINGS,
+    chosen_sigma_schedule,
     exp_f32,
     flow_sigmas,
     interp_sigmas,
@@ -89,7 +90,7 @@ class DEISMultistepScheduler(LogSNRSolverMixin):
         time_shift_type: str = "exponential",
     ):
         name = type(self).__name__
-        only_one_sigma_schedule(name, use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas)
+        chosen_sigma_schedule(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, name)
         check_option(name, "prediction_type", prediction_type, SOLVER_PREDICTION_TYPES)
         check_option(name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         check_option(name, "time_shift_type", time_shift_type, ("exponential",))

@@ -43,6 +43,7 @@ from .schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
     beta_sigmas,
+    chosen_sigma_schedule,
     exp_f32,
     exponential_sigmas,
     flow_sigmas,
@@ -63,13 +64,6 @@ from .schedule import (
 ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
 SOLVER_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
-
-
-def only_one_sigma_schedule(owner: str, *flags) -> None:
-    if sum(bool(f) for f in flags) > 1:
-        raise UnsupportedOptionError(
-            f"{owner}: only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used"
-        )
 
 
 class LogSNRSolverMixin(SchedulerMixin):
@@ -366,7 +360,7 @@ class DPMSolverMultistepScheduler(LogSNRSolverMixin):
         time_shift_type: str = "exponential",
     ):
         name = type(self).__name__
-        only_one_sigma_schedule(name, use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas)
+        chosen_sigma_schedule(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, name)
         algorithm, solver = check_algorithm(
             name, algorithm_type, solver_type, final_sigmas_type, ALGORITHM_TYPES
         )

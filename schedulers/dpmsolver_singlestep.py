@@ -29,10 +29,9 @@ from .dpmsolver_multistep import (
     check_algorithm,
     dpm_coefficients,
     dpm_update,
-    only_one_sigma_schedule,
 )
 from .noise import randn_tensor
-from .schedule import flow_sigmas, interp_sigmas, sigma_to_t, solver_timesteps
+from .schedule import chosen_sigma_schedule, flow_sigmas, interp_sigmas, sigma_to_t, solver_timesteps
 
 SINGLESTEP_ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver++")
 
@@ -72,7 +71,7 @@ class DPMSolverSinglestepScheduler(LogSNRSolverMixin):
         time_shift_type: str = "exponential",
     ):
         name = type(self).__name__
-        only_one_sigma_schedule(name, use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas)
+        chosen_sigma_schedule(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, name)
         algorithm, solver = check_algorithm(
             name, algorithm_type, solver_type, final_sigmas_type, SINGLESTEP_ALGORITHM_TYPES
         )

@@ -22,13 +22,13 @@ from .base import (
     KARRAS_COMPATIBLES,
     SchedulerOutput,
     SigmaSchedulerMixin,
-    UnsupportedOptionError,
     check_option,
     logger,
     register_to_config,
 )
 from .noise import randn_tensor
 from .schedule import (
+    chosen_sigma_schedule,
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
     beta_sigmas,
@@ -96,10 +96,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         final_sigmas_type: str = "zero",
     ):
         name = type(self).__name__
-        if sum(bool(v) for v in (use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas)) > 1:
-            raise UnsupportedOptionError(
-                f"{name}: only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used"
-            )
+        chosen_sigma_schedule(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, name)
         check_option(name, "prediction_type", prediction_type, ("epsilon", "v_prediction", "sample", "original_sample"))
         check_option(name, "interpolation_type", interpolation_type, ("linear", "log_linear"))
         check_option(name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)

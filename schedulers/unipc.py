@@ -23,9 +23,10 @@ from __future__ import annotations
 import numpy as np
 
 from .base import SchedulerOutput, UnsupportedOptionError, check_option, compute_dtype, register_to_config
-from .dpmsolver_multistep import SOLVER_PREDICTION_TYPES, LogSNRSolverMixin, _sample_argument, only_one_sigma_schedule
+from .dpmsolver_multistep import SOLVER_PREDICTION_TYPES, LogSNRSolverMixin, _sample_argument
 from .schedule import (
     TIMESTEP_SPACINGS,
+    chosen_sigma_schedule,
     expm1_f32,
     flow_shift_sigmas,
     interp_sigmas,
@@ -110,7 +111,7 @@ class UniPCMultistepScheduler(LogSNRSolverMixin):
         shift_terminal: float | None = None,
     ):
         name = type(self).__name__
-        only_one_sigma_schedule(name, use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas)
+        chosen_sigma_schedule(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, name)
         allowed = SOLVER_PREDICTION_TYPES if predict_x0 else SOLVER_PREDICTION_TYPES[:3]
         check_option(name, "prediction_type", prediction_type, allowed)
         check_option(name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
