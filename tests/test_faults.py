@@ -117,7 +117,7 @@ def test_ctrl_c_during_generation_leaves_no_png(tiny_export, tmp_path):
     out = tmp_path / "fox.png"
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # the progress bar says the loop began
     process = subprocess.Popen(
-        [sys.executable, "-m", "sdort.runtime.cli", "txt2img", "--model", str(tiny_export), "a fox", "--steps", "1000",
+        [sys.executable, "-m", "sdort.runtime.cli", "txt2img", "--model", str(tiny_export), "a fox", "--steps", "900",
          "--num-images", "2", "-o", str(out)], stderr=subprocess.PIPE, text=True, env=env)
     seen = ""
     while "it/s" not in seen and "s/it" not in seen:  # the denoising loop has begun

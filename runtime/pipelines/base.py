@@ -64,6 +64,12 @@ def retrieve_timesteps(scheduler, num_inference_steps, timesteps=None, sigmas=No
             raise ValueError(f"num_inference_steps must be at most the scheduler's num_train_timesteps "
                              f"({train_steps}); got {num_inference_steps}")
         scheduler.set_timesteps(num_inference_steps)
+        last = float(np.max(scheduler.timesteps))
+        # integer timesteps index the training schedule: 1000 steps + steps_offset 1 would read
+        # alphas_cumprod[1000], where diffusers fails with an IndexError
+        if np.issubdtype(np.asarray(scheduler.timesteps).dtype, np.integer) and last >= train_steps:
+            raise ValueError(f"num_inference_steps: {num_inference_steps} steps with this scheduler's spacing reach "
+                             f"timestep {last:g}, beyond its {train_steps} training timesteps; use fewer steps")
         return num_inference_steps  # not len(timesteps): PNDM repeats one, as diffusers counts
     if timesteps is not None:
         scheduler.set_timesteps(timesteps=timesteps)
