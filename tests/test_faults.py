@@ -118,7 +118,10 @@ def test_ctrl_c_during_generation_leaves_no_png(tiny_export, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # the progress bar says the loop began
     process = subprocess.Popen(
         [sys.executable, "-m", "sdort.runtime.cli", "txt2img", "--model", str(tiny_export), "a fox", "--steps", "900",
-         "--num-images", "2", "-o", str(out)], stderr=subprocess.PIPE, text=True, env=env)
+         "--num-images", "2", "-o", str(out)], stderr=subprocess.PIPE, text=True, env=env,
+        # as a terminal gives it: a shell's background jobs (CI under nohup, `cmd &`) inherit SIGINT
+        # ignored, and Python then installs no KeyboardInterrupt handler
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     while "it/s" not in seen and "s/it" not in seen:  # the denoising loop has begun
         chunk = process.stderr.read(1)
