@@ -25,7 +25,7 @@ from ..model_files import read_json
 from ..randomness import as_generator, randn_tensor
 from ..sessions import OnnxModel
 from ..tokenizer import CLIPTokenizer
-from .checks import check_finite, check_finite_output, memory_bytes
+from .checks import check_common_inputs, check_finite, check_finite_output, memory_bytes
 from .prompts import PromptEncoder
 
 logger = logging.getLogger("sdort")
@@ -376,22 +376,20 @@ class OnnxDiffusionPipeline:
         `callback_on_step_end` may return new `latents`, `prompt_embeds` or `conditioning`.
         """
         self.check_unet_kind(latents.shape[1] + (0 if conditioning is None else conditioning.shape[1]))
-        self.check_callback_tensor_inputs(callback_on_step_end_tensor_inputs)
         check_finite("eta", eta)
         do_cfg = negative_prompt_embeds is not None
         embeds = np.concatenate([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
         # Constant over all steps: placed on the session's device once.
         embeds_on_device = self.unet.to_device("encoder_hidden_states", embeds)
-        if conditioning is not None and do_cfg:
-            conditioning = np.concatenate([conditioning, conditioning])
         # The UNet's input batch, built in one buffer made once per call: [uncond; text] copies of
-        # the scaled latents, then the conditioning channels (written once, or when a callback
-        # replaces them).
+        # the scaled latents, then the conditioning channels (written once into both halves, or
+        # when a callback replaces them).
         n, c = latents.shape[:2]
         model_input = np.empty((2 * n if do_cfg else n, c + (0 if conditioning is None else conditioning.shape[1]),
                                 *latents.shape[2:]), np.float32)
         if conditioning is not None:
-            model_input[:, c:] = conditioning
+            model_input[:n, c:] = conditioning
+            model_input[n:, c:] = conditioning
         step_kwargs = {"generator": generator, "eta": eta}
         for i, t in enumerate(tqdm(timesteps, **self._progress_bar_config)):
             # scale_model_input is elementwise, so the half batch scaled once equals diffusers' doubled one
@@ -402,7 +400,7 @@ class OnnxDiffusionPipeline:
                 sample=model_input, timestep=self._timestep_feed(t, model_input.shape[0]),
                 encoder_hidden_states=embeds_on_device,
             )["out_sample"].astype(np.float32, copy=False)
-            check_finite_output(noise_pred, "unet", f"at step {i + 1} of {len(timesteps)} (timestep {t})")
+            check_finite_output(noise_pred, "unet", lambda: f"at step {i + 1} of {len(timesteps)} (timestep {t})")
             if do_cfg:
                 # uncond + g * (text - uncond), in place in the text half: the same float32 operations
                 # in the same order as diffusers, without three temporaries per step
@@ -454,6 +452,17 @@ class TextConditionedPipeline(OnnxDiffusionPipeline):
         super().__init__(unet, vae_decoder, scheduler, vae_encoder,
                          text_encoder=text_encoder, tokenizer=tokenizer, **extra_parts)
         self.prompt_encoder = PromptEncoder(tokenizer, text_encoder)
+
+    def check_inputs(self, prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+                     negative_prompt, prompt_embeds, negative_prompt_embeds, output_type, generator,
+                     callback_on_step_end_tensor_inputs):
+        """The checks every prompt-conditioned task makes before any model runs (diffusers'
+        `check_inputs`); returns the effective batch size and the generator(s) for it."""
+        batch = check_common_inputs(prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+                                    negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
+        self.check_callback_tensor_inputs(callback_on_step_end_tensor_inputs)
+        total = batch * num_images_per_prompt
+        return total, self.check_generator(generator, total)
 
     def encode_prompt(self, prompt, num_images_per_prompt: int, do_classifier_free_guidance: bool,
                       negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None):

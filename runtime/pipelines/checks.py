@@ -25,9 +25,12 @@ def check_finite(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number; got {value}")
 
 
-def check_finite_output(array: np.ndarray, part: str, where: str) -> None:
-    """Refuse NaN/inf from a model part, naming the part and the step (see NumericalError)."""
+def check_finite_output(array: np.ndarray, part: str, where) -> None:
+    """Refuse NaN/inf from a model part, naming the part and the step (see NumericalError).
+
+    `where` may be a callable, so that the loop formats its step only when there is an error."""
     if not np.isfinite(array).all():
+        where = where() if callable(where) else where
         raise NumericalError(f"{part} returned NaN or infinity {where}: the model overflowed (a float16 export? "
                              f"export with --dtype fp32) or its weights are broken")
 

@@ -18,7 +18,7 @@ from PIL import Image
 from ..feature_extractors import DPTImageProcessor
 from ..resampling import resize_bicubic
 from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps, tile_to_batch
-from .checks import check_common_inputs, check_strength
+from .checks import check_strength
 
 logger = logging.getLogger("sdort")
 
@@ -160,11 +160,9 @@ class StableDiffusionDepth2ImgPipeline(TextConditionedPipeline):
         if image is None:
             raise ValueError("image: an input image is required")
         check_strength(strength)
-        self.check_callback_tensor_inputs(callback_on_step_end_tensor_inputs)
-        batch = check_common_inputs(prompt, None, None, num_inference_steps, guidance_scale, num_images_per_prompt,
-                                    negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
-        total = batch * num_images_per_prompt
-        generator = self.check_generator(generator, total)
+        total, generator = self.check_inputs(
+            prompt, None, None, num_inference_steps, guidance_scale, num_images_per_prompt, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, output_type, generator, callback_on_step_end_tensor_inputs)
         do_cfg = guidance_scale > 1
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)

@@ -7,7 +7,7 @@ are the encoded image noised to that point.
 from __future__ import annotations
 
 from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
-from .checks import check_common_inputs, check_strength
+from .checks import check_strength
 
 
 class StableDiffusionImg2ImgPipeline(TextConditionedPipeline):
@@ -39,10 +39,9 @@ class StableDiffusionImg2ImgPipeline(TextConditionedPipeline):
         if image is None:
             raise ValueError("image: an input image is required")
         check_strength(strength)
-        batch = check_common_inputs(prompt, None, None, num_inference_steps, guidance_scale, num_images_per_prompt,
-                                    negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
-        total = batch * num_images_per_prompt
-        generator = self.check_generator(generator, total)
+        total, generator = self.check_inputs(
+            prompt, None, None, num_inference_steps, guidance_scale, num_images_per_prompt, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, output_type, generator, callback_on_step_end_tensor_inputs)
         do_cfg = guidance_scale > 1
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)

@@ -24,7 +24,7 @@ from PIL import Image
 from ..image_processor import VaeImageProcessor
 from ..randomness import randn_tensor
 from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps, tile_to_batch
-from .checks import check_common_inputs, check_strength
+from .checks import check_strength
 
 # Those the shared loop itself hands to callbacks; the mask ones are added here.
 _LOOP_TENSOR_INPUTS = TextConditionedPipeline.callback_tensor_inputs
@@ -51,8 +51,8 @@ class StableDiffusionInpaintPipeline(TextConditionedPipeline):
 
     # ---- inputs ----------------------------------------------------------------------------
 
-    def check_inpaint_inputs(self, image, mask_image, padding_mask_crop, output_type,
-                             callback_on_step_end_tensor_inputs):
+    @staticmethod
+    def check_inpaint_inputs(image, mask_image, padding_mask_crop, output_type):
         if image is None:
             raise ValueError("image: an input image is required")
         if mask_image is None:
@@ -67,7 +67,6 @@ class StableDiffusionInpaintPipeline(TextConditionedPipeline):
                 raise ValueError(f"mask_image: padding_mask_crop needs a PIL image; got {type(mask_image).__name__}")
             if output_type != "pil":
                 raise ValueError(f"output_type must be 'pil' with padding_mask_crop; got {output_type!r}")
-        self.check_callback_tensor_inputs(callback_on_step_end_tensor_inputs)
 
     @staticmethod
     def check_mask(mask: np.ndarray) -> None:
@@ -183,16 +182,15 @@ class StableDiffusionInpaintPipeline(TextConditionedPipeline):
     ):
         # 1. Check the inputs (the size defaults to the UNet's, not the image's, as in diffusers).
         height, width = self.default_size(height, width)
-        self.check_inpaint_inputs(image, mask_image, padding_mask_crop, output_type, callback_on_step_end_tensor_inputs)
+        self.check_inpaint_inputs(image, mask_image, padding_mask_crop, output_type)
         check_strength(strength)
-        batch = check_common_inputs(prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-                                    negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
+        total, generator = self.check_inputs(
+            prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, output_type, generator, callback_on_step_end_tensor_inputs)
         self.check_unet_kind()
         nine_channels = self.unet_in_channels == 9
         if self.unet_in_channels is None:
             raise ValueError("unet: cannot tell its number of input channels (no config.json, dynamic 'sample' shape)")
-        total = batch * num_images_per_prompt
-        generator = self.check_generator(generator, total)
         latent_shape = self.latent_shape(total, height, width)
         if latents is not None and np.shape(latents) != tuple(latent_shape):
             raise ValueError(f"latents: expected shape {tuple(latent_shape)}, got {np.shape(latents)}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
-from .checks import check_common_inputs
 
 
 class StableDiffusionPipeline(TextConditionedPipeline):
@@ -32,10 +31,9 @@ class StableDiffusionPipeline(TextConditionedPipeline):
         callback_on_step_end_tensor_inputs=("latents",),
     ):
         height, width = self.default_size(height, width)
-        batch = check_common_inputs(prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-                                    negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
-        total = batch * num_images_per_prompt
-        generator = self.check_generator(generator, total)
+        total, generator = self.check_inputs(
+            prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, output_type, generator, callback_on_step_end_tensor_inputs)
         # diffusers: no classifier-free guidance at guidance_scale <= 1
         do_cfg = guidance_scale > 1
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
