@@ -29,16 +29,18 @@ TRACE_SHAPE = (2, 9, 7)
 CHECK_SHAPE = (1, 8, 16)
 
 
-def trace(part: Part, module: torch.nn.Module) -> onnx.ModelProto:
-    """Export `module` to an ONNX graph following `part`'s contract (TorchScript exporter, opset 17)."""
+def trace(part: Part, module: torch.nn.Module, modules: dict) -> onnx.ModelProto:
+    """Export `module` to an ONNX graph following `part`'s contract (TorchScript exporter, opset 17).
+
+    `modules` are the model's other components, which some sample inputs are sized from."""
     wrapped = part.wrap(module).eval()
-    sample = part.sample(module, *TRACE_SHAPE)
+    sample = part.sample(module, *TRACE_SHAPE, modules)
     with tempfile.TemporaryDirectory() as scratch, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         path = Path(scratch) / "model.onnx"
         torch.onnx.export(
             wrapped, sample, str(path), dynamo=False, opset_version=OPSET, do_constant_folding=True,
-            input_names=part.inputs, output_names=part.outputs, dynamic_axes=part.dynamic_axes,
+            input_names=part.inputs, output_names=part.output_names(module), dynamic_axes=part.axes(module),
         )
         return onnx.load(str(path))  # also pulls in weights written as external data
 
@@ -67,7 +69,7 @@ def save(model: onnx.ModelProto, folder: Path) -> None:
         onnx.save_model(model, str(path))
 
 
-def check(part: Part, module: torch.nn.Module, folder: Path, dtype: str) -> float:
+def check(part: Part, module: torch.nn.Module, folder: Path, dtype: str, modules: dict) -> float:
     """Run the exported graph in ONNX Runtime and the torch module on the same input.
 
     Returns the largest error relative to max(1, max|torch output|) over all outputs; the
@@ -75,14 +77,14 @@ def check(part: Part, module: torch.nn.Module, folder: Path, dtype: str) -> floa
     """
     from sdort.runtime.sessions import OnnxModel
 
-    sample = part.sample(module, *CHECK_SHAPE)
+    sample = part.sample(module, *CHECK_SHAPE, modules)
     with torch.no_grad():
         expected = part.wrap(module).eval()(*sample)
     expected = expected if isinstance(expected, tuple) else (expected,)
     session = OnnxModel(folder / "model.onnx", provider="cpu", name=part.name)
     got = session(**{name: t.numpy() for name, t in zip(part.inputs, sample)})
     error = 0.0
-    for name, ref in zip(part.outputs, expected):
+    for name, ref in zip(part.output_names(module), expected):
         ref = ref.numpy().astype(np.float64)
         out = np.asarray(got[name], dtype=np.float64)
         if not np.all(np.isfinite(out)):

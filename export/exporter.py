@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import convert
-from .parts import parts_for
+from .parts import is_xl_unet, parts_for
 from .sources import load_source
 
 MANIFEST = "sdort.json"
@@ -51,14 +51,14 @@ def _build(source, tmp: Path, dtype: str, log) -> dict:
         start = time.perf_counter()
         module = source.modules[part.component]
         folder = tmp / part.name
-        graph = convert.trace(part, module)
+        graph = convert.trace(part, module, source.modules)
         part_dtype = dtype if part.fp16 else "fp32"
         if part_dtype == "fp16":
             graph = convert.to_float16(graph)
         convert.save(graph, folder)
         del graph
         _save_part_config(module, folder)
-        error = convert.check(part, module, folder, part_dtype)
+        error = convert.check(part, module, folder, part_dtype, source.modules)
         tolerance = convert.TOLERANCE[part_dtype]
         size = _folder_size(folder)
         log(f"{part.name:<15} {time.perf_counter() - start:7.1f} s  {size / 1e6:9.1f} MB  {part_dtype}  "
@@ -67,16 +67,16 @@ def _build(source, tmp: Path, dtype: str, log) -> dict:
             raise ExportCheckError(
                 f"{part.name}: ONNX Runtime output differs from torch by {error:.3e}, above the tolerance {tolerance:.0e}"
             )
-        parts_info[part.name] = {"dtype": part_dtype, "inputs": part.inputs, "outputs": part.outputs,
+        parts_info[part.name] = {"dtype": part_dtype, "inputs": part.inputs, "outputs": part.output_names(module),
                                  "max_abs_error": error}
     return parts_info
 
 
 def _write_files(source, tmp: Path, dtype: str, parts_info: dict) -> None:
-    if source.tokenizer_files:  # none for image variation, which has no text encoder
-        (tmp / "tokenizer").mkdir()
-        for name, content in source.tokenizer_files.items():
-            (tmp / "tokenizer" / name).write_bytes(content)
+    for folder, files in source.tokenizers.items():  # none for image variation, which has no text encoder
+        (tmp / folder).mkdir()
+        for name, content in files.items():
+            (tmp / folder / name).write_bytes(content)
     if source.feature_extractor is not None:
         (tmp / "feature_extractor").mkdir()
         (tmp / "feature_extractor" / "preprocessor_config.json").write_bytes(source.feature_extractor)
@@ -85,6 +85,7 @@ def _write_files(source, tmp: Path, dtype: str, parts_info: dict) -> None:
     scheduler_class = json.loads(source.scheduler_config).get("_class_name", "PNDMScheduler")
     modules = source.modules
     index = {
+        **source.pipeline_config,  # e.g. SDXL's force_zeros_for_empty_prompt, requires_aesthetics_score
         "_class_name": source.pipeline_class,
         "_diffusers_version": _version("diffusers"),
         "feature_extractor": (["transformers", source.feature_extractor_class] if source.feature_extractor is not None
@@ -93,9 +94,12 @@ def _write_files(source, tmp: Path, dtype: str, parts_info: dict) -> None:
         "safety_checker": [None, None],
         "scheduler": ["diffusers", scheduler_class],
     }
-    if "text_encoder" in modules:
-        index["text_encoder"] = ["transformers", type(modules["text_encoder"]).__name__]
-        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    for suffix in ("", "_2"):
+        if f"text_encoder{suffix}" in modules:
+            index[f"text_encoder{suffix}"] = ["transformers", type(modules[f"text_encoder{suffix}"]).__name__]
+            index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
+    if is_xl_unet(modules["unet"]) and "text_encoder" not in modules:  # an SDXL refiner: listed, absent
+        index["text_encoder"] = index["tokenizer"] = [None, None]
     for name in ("depth_estimator", "image_encoder"):
         if name in modules:
             index[name] = ["transformers", type(modules[name]).__name__]

@@ -14,15 +14,21 @@ import torch
 
 
 class _TextEncoder(torch.nn.Module):
-    """CLIP text encoder: input_ids -> (last_hidden_state, pooler_output)."""
+    """CLIP text encoder: input_ids -> its named outputs, then every hidden state (embeddings first).
 
-    def __init__(self, model):
+    CLIPTextModel gives (last_hidden_state, pooler_output), CLIPTextModelWithProjection (SDXL's second
+    encoder) (text_embeds, last_hidden_state); the hidden states serve clip_skip and SDXL, which reads
+    the penultimate one.
+    """
+
+    def __init__(self, model, outputs):
         super().__init__()
         self.model = model
+        self.outputs = outputs
 
     def forward(self, input_ids):
-        out = self.model(input_ids=input_ids, return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+        out = self.model(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+        return (*(out[name] for name in self.outputs), *out.hidden_states)
 
 
 class _UNet(torch.nn.Module):
@@ -34,6 +40,15 @@ class _UNet(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class _UNetXL(_UNet):
+    """SDXL's UNet: the micro-conditioning of `addition_embed_type="text_time"` as two more inputs,
+    the pooled text embeddings and the size/crop (or aesthetic score) time ids."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        conditions = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=conditions, return_dict=False)[0]
 
 
 class _VaeEncoder(torch.nn.Module):
@@ -93,18 +108,28 @@ class Part:
     inputs: list[str]
     outputs: list[str]
     dynamic_axes: dict[str, dict[int, str]]
-    sample: Callable[..., tuple]  # (module, batch, height, width) -> sample inputs
+    sample: Callable[..., tuple]  # (module, batch, height, width, modules) -> sample inputs
     fp16: bool = True  # converted to float16 by `--dtype fp16` (the VAE stays float32: it overflows)
+    hidden_states: bool = False  # also outputs `hidden_states.0` .. `hidden_states.N`, as Optimum names them
+
+    def output_names(self, module) -> list[str]:
+        if not self.hidden_states:
+            return list(self.outputs)
+        return [*self.outputs, *(f"hidden_states.{i}" for i in range(module.config.num_hidden_layers + 1))]
+
+    def axes(self, module) -> dict[str, dict[int, str]]:
+        """Dynamic axes of every input and output, the hidden states' batch included."""
+        return {**{name: {0: "batch"} for name in self.output_names(module)}, **self.dynamic_axes}
 
 
-def _text_sample(model, batch, height, width):
+def _text_sample(model, batch, height, width, modules):
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, vocab, (batch, model.config.max_position_embeddings), generator=generator)
     return (ids.to(torch.int32),)
 
 
-def _unet_sample(model, batch, height, width):
+def _unet_sample(model, batch, height, width, modules):
     cfg = model.config
     generator = torch.Generator().manual_seed(batch)
     sample = torch.randn(batch, cfg.in_channels, height, width, generator=generator)
@@ -113,18 +138,32 @@ def _unet_sample(model, batch, height, width):
     return sample, timestep, hidden
 
 
-def _vae_encoder_sample(vae, batch, height, width):
+def xl_time_ids_count(unet, text_embeds_dim: int) -> int:
+    """How many time ids an SDXL UNet takes: 6 (sizes and crop) for the base, 5 (crop and aesthetic
+    score) for the refiner, from its added-embedding width less the pooled text embeddings'."""
+    return (unet.config.projection_class_embeddings_input_dim - text_embeds_dim) // unet.config.addition_time_embed_dim
+
+
+def _unet_xl_sample(model, batch, height, width, modules):
+    generator = torch.Generator().manual_seed(batch + 1)
+    text_dim = modules["text_encoder_2"].config.projection_dim
+    text_embeds = torch.randn(batch, text_dim, generator=generator)
+    sizes = torch.tensor([512.0, 768.0, 16.0, 8.0, 1024.0, 640.0])[: xl_time_ids_count(model, text_dim)]
+    return (*_unet_sample(model, batch, height, width, modules), text_embeds, sizes.repeat(batch, 1))
+
+
+def _vae_encoder_sample(vae, batch, height, width, modules):
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     generator = torch.Generator().manual_seed(batch)
     return (torch.rand(batch, vae.config.in_channels, height * factor, width * factor, generator=generator) * 2 - 1,)
 
 
-def _vae_decoder_sample(vae, batch, height, width):
+def _vae_decoder_sample(vae, batch, height, width, modules):
     generator = torch.Generator().manual_seed(batch)
     return (torch.randn(batch, vae.config.latent_channels, height, width, generator=generator),)
 
 
-def _pixel_sample(model, batch, height, width):
+def _pixel_sample(model, batch, height, width, modules):
     """Feature-extractor output at the model's own input size (config.image_size): these graphs take
     one fixed size, the one their preprocessor makes; only the batch is dynamic."""
     size = model.config.image_size
@@ -137,15 +176,22 @@ _IMAGE_AXES = {0: "batch", 2: "height", 3: "width"}
 _LATENT_AXES = {0: "batch", 2: "latent_height", 3: "latent_width"}
 
 TEXT_ENCODER = Part(
-    "text_encoder", "text_encoder", _TextEncoder, ["input_ids"], ["last_hidden_state", "pooler_output"],
-    {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}, "pooler_output": {0: "batch"}},
-    _text_sample,
+    "text_encoder", "text_encoder", lambda m: _TextEncoder(m, ("last_hidden_state", "pooler_output")), ["input_ids"],
+    ["last_hidden_state", "pooler_output"], {"input_ids": {0: "batch"}}, _text_sample, hidden_states=True,
 )
+# SDXL's second text encoder (CLIPTextModelWithProjection): the pooled projection is `text_embeds`.
+TEXT_ENCODER_2 = Part(
+    "text_encoder_2", "text_encoder_2", lambda m: _TextEncoder(m, ("text_embeds", "last_hidden_state")), ["input_ids"],
+    ["text_embeds", "last_hidden_state"], {"input_ids": {0: "batch"}}, _text_sample, hidden_states=True,
+)
+_UNET_AXES = {"sample": _LATENT_AXES, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch", 1: "sequence"},
+              "out_sample": _LATENT_AXES}
 UNET = Part(
-    "unet", "unet", _UNet, ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
-    {"sample": _LATENT_AXES, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch", 1: "sequence"},
-     "out_sample": _LATENT_AXES},
-    _unet_sample,
+    "unet", "unet", _UNet, ["sample", "timestep", "encoder_hidden_states"], ["out_sample"], _UNET_AXES, _unet_sample,
+)
+UNET_XL = Part(
+    "unet", "unet", _UNetXL, ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"],
+    ["out_sample"], {**_UNET_AXES, "text_embeds": {0: "batch"}, "time_ids": {0: "batch"}}, _unet_xl_sample,
 )
 VAE_ENCODER = Part(
     "vae_encoder", "vae", _VaeEncoder, ["sample"], ["latent_parameters"],
@@ -167,9 +213,17 @@ IMAGE_ENCODER = Part(
 )
 
 # Every part sd-export knows, in export order; a model exports those whose component it has.
-ALL_PARTS = [TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER, DEPTH_ESTIMATOR, IMAGE_ENCODER]
+ALL_PARTS = [TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_ENCODER, VAE_DECODER, DEPTH_ESTIMATOR, IMAGE_ENCODER]
+
+
+def is_xl_unet(unet) -> bool:
+    return unet.config.get("addition_embed_type") == "text_time"
 
 
 def parts_for(modules) -> list[Part]:
-    """The parts to export for a model's torch components (a name -> module mapping)."""
-    return [part for part in ALL_PARTS if part.component in modules]
+    """The parts to export for a model's torch components (a name -> module mapping); an SDXL UNet
+    gets SDXL's contract."""
+    parts = [part for part in ALL_PARTS if part.component in modules]
+    if "unet" in modules and is_xl_unet(modules["unet"]):
+        parts = [UNET_XL if part is UNET else part for part in parts]
+    return parts

@@ -23,6 +23,10 @@ _HUB_PATTERNS = [
     "tokenizer/*",
     "text_encoder/config.json",
     "text_encoder/model.safetensors",
+    # SDXL's second tokenizer and text encoder
+    "tokenizer_2/*",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors",
     "unet/config.json",
     "unet/diffusion_pytorch_model.safetensors",
     "vae/config.json",
@@ -37,9 +41,14 @@ _HUB_PATTERNS = [
 
 # The torch components each pipeline class needs beyond `unet` and `vae`: (required, optional).
 # Other classes (text-to-image, image-to-image, Optimum's ONNX classes...) need the text encoder.
+# SDXL: a refiner has only the second text encoder.
+_XL_COMPONENTS = (("text_encoder_2",), ("text_encoder",))
 TASK_COMPONENTS = {
     "StableDiffusionDepth2ImgPipeline": (("text_encoder",), ("depth_estimator",)),
     "StableDiffusionImageVariationPipeline": (("image_encoder",), ()),
+    "StableDiffusionXLPipeline": _XL_COMPONENTS,
+    "StableDiffusionXLImg2ImgPipeline": _XL_COMPONENTS,
+    "StableDiffusionXLInpaintPipeline": _XL_COMPONENTS,
 }
 _TEXT_COMPONENTS = (("text_encoder",), ())
 # Parts whose graph takes a feature extractor's output: its preprocessor_config.json is copied with them.
@@ -57,6 +66,8 @@ def task_components(pipeline_class: str, index: dict) -> tuple[tuple, tuple]:
         entry = index.get(name)
         return bool(entry) and entry[0] is not None
 
+    if listed("text_encoder_2"):
+        return _XL_COMPONENTS
     if listed("depth_estimator"):
         return TASK_COMPONENTS["StableDiffusionDepth2ImgPipeline"]
     if listed("image_encoder") and not listed("text_encoder"):
@@ -81,9 +92,11 @@ class Source:
     description: str
     pipeline_class: str
     modules: dict  # component name -> torch module (eval mode, float32)
-    tokenizer_files: dict[str, bytes]  # file name -> content
+    tokenizers: dict[str, dict[str, bytes]]  # folder (tokenizer, tokenizer_2) -> file name -> content
     scheduler_config: bytes  # scheduler_config.json, unchanged
     model_index: dict = field(default_factory=dict)
+    # the pipeline's own settings in model_index.json (SDXL's force_zeros_for_empty_prompt, ...)
+    pipeline_config: dict = field(default_factory=dict)
     # feature_extractor/preprocessor_config.json, unchanged, and its model_index entry (class name)
     feature_extractor: bytes | None = None
     feature_extractor_class: str | None = None
@@ -110,6 +123,10 @@ def build_preset(name: str) -> Source:
     # Built in this order from one seed, so that a preset's weights never change.
     if "text_encoder" in cfg:
         modules["text_encoder"] = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    if "text_encoder_2" in cfg:
+        from transformers import CLIPTextModelWithProjection
+
+        modules["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
     modules["unet"] = UNet2DConditionModel(**cfg["unet"])
     modules["vae"] = AutoencoderKL(**cfg["vae"])
     if "depth_estimator" in cfg:
@@ -120,18 +137,21 @@ def build_preset(name: str) -> Source:
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
         modules["image_encoder"] = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["image_encoder"]))
-    tokenizer_files = {}
-    if "text_encoder" in modules:
-        tokenizer_files = {p.name: p.read_bytes() for p in shipped_tokenizer_dir().iterdir() if p.is_file()}
-        if cfg.get("tokenizer"):
-            # SD 2.x tokenizers differ from SD 1.x only in their special-token settings (pad with "!").
-            for fname in ("tokenizer_config.json", "special_tokens_map.json"):
-                settings = json.loads(tokenizer_files[fname])
-                settings.update(cfg["tokenizer"])
-                tokenizer_files[fname] = json.dumps(settings, indent=2).encode()
+    tokenizers = {}
+    for suffix in ("", "_2"):
+        if f"text_encoder{suffix}" not in modules:
+            continue
+        files = {p.name: p.read_bytes() for p in shipped_tokenizer_dir().iterdir() if p.is_file()}
+        # SD 2.x tokenizers (and SDXL's second) differ from SD 1.x only in their special-token
+        # settings (pad with "!").
+        for fname in ("tokenizer_config.json", "special_tokens_map.json"):
+            settings = json.loads(files[fname])
+            settings.update(cfg.get(f"tokenizer{suffix}", {}))
+            files[fname] = json.dumps(settings, indent=2).encode()
+        tokenizers[f"tokenizer{suffix}"] = files
     scheduler = json.dumps(cfg["scheduler"], indent=2).encode()
-    source = Source(f"preset:{name}", cfg["pipeline"], {k: m.eval() for k, m in modules.items()}, tokenizer_files,
-                    scheduler)
+    source = Source(f"preset:{name}", cfg["pipeline"], {k: m.eval() for k, m in modules.items()}, tokenizers,
+                    scheduler, pipeline_config=cfg.get("pipeline_config", {}))
     if "feature_extractor" in cfg:
         source.feature_extractor = (json.dumps(cfg["feature_extractor"], indent=2, sort_keys=True) + "\n").encode()
         source.feature_extractor_class = cfg["feature_extractor"]["image_processor_type"]
@@ -168,16 +188,20 @@ def load_folder(folder: str | os.PathLike) -> Source:
         library = diffusers if entry[0] == "diffusers" else transformers
         cls = getattr(library, entry[1])
         modules[name] = cls.from_pretrained(folder / name).float().eval()
-    tokenizer_files = {}
-    if "text_encoder" in modules:
-        tokenizer_dir = folder / "tokenizer"
+    tokenizers = {}
+    for suffix in ("", "_2"):
+        if f"text_encoder{suffix}" not in modules:
+            continue
+        tokenizer_dir = folder / f"tokenizer{suffix}"
         if not (tokenizer_dir / "vocab.json").is_file() and not (tokenizer_dir / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{tokenizer_dir}: no vocab.json or tokenizer.json")
-        tokenizer_files = {p.name: p.read_bytes() for p in tokenizer_dir.iterdir() if p.is_file()}
+        tokenizers[tokenizer_dir.name] = {p.name: p.read_bytes() for p in tokenizer_dir.iterdir() if p.is_file()}
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     if not scheduler_path.is_file():
         raise FileNotFoundError(f"{scheduler_path}: not found")
-    source = Source(str(folder), pipeline_class, modules, tokenizer_files, scheduler_path.read_bytes(), index)
+    settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+    source = Source(str(folder), pipeline_class, modules, tokenizers, scheduler_path.read_bytes(), index,
+                    pipeline_config=settings)
     if any(name in modules for name in _IMAGE_INPUT_COMPONENTS):
         # The runtime preprocesses images for these parts exactly as this file says.
         config_path = folder / "feature_extractor" / PREPROCESSOR_CONFIG

@@ -11,6 +11,10 @@ from .pipelines import (
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionPipelineOutput,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+    StableDiffusionXLPipelineOutput,
 )
 from .randomness import PhiloxGenerator, TorchGenerator
 from .sessions import OnnxModel
@@ -30,6 +34,10 @@ __all__ = [
     "StableDiffusionInpaintPipeline",
     "StableDiffusionPipeline",
     "StableDiffusionPipelineOutput",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLPipelineOutput",
     "TorchGenerator",
     "VaeImageProcessor",
 ]

@@ -87,6 +87,7 @@ class OnnxModel:
     def __init__(self, path, provider: str = "auto", name: str | None = None, session_options=None):
         global _warned_cpu_fallback
         path = Path(path)
+        self.path = path
         self.name = name or path.parent.name
         if not path.is_file():
             raise FileNotFoundError(f"{path}: the '{self.name}' model file is missing")

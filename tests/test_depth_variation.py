@@ -174,7 +174,7 @@ def test_presets_build_their_task():
         predicted = depth.modules["depth_estimator"](torch.from_numpy(pixels)).predicted_depth
     assert float(predicted.max() - predicted.min()) > 1e-3  # a depth map worth normalising
     variation = build_preset("tiny-variation")
-    assert "text_encoder" not in variation.modules and variation.tokenizer_files == {}
+    assert "text_encoder" not in variation.modules and variation.tokenizers == {}
     assert [p.name for p in parts_for(variation.modules)] == ["unet", "vae_encoder", "vae_decoder", "image_encoder"]
     pixels = CLIPImageProcessor(**json.loads(variation.feature_extractor))(rgb_image())
     assert pixels.shape == (1, 3, 32, 32)

@@ -12,6 +12,10 @@ from .depth_to_image import StableDiffusionDepth2ImgPipeline
 from .image_to_image import StableDiffusionImg2ImgPipeline
 from .image_variation import StableDiffusionImageVariationPipeline
 from .inpaint import StableDiffusionInpaintPipeline
+from .sdxl import StableDiffusionXLPipelineOutput
+from .sdxl_image_to_image import StableDiffusionXLImg2ImgPipeline
+from .sdxl_inpaint import StableDiffusionXLInpaintPipeline
+from .sdxl_text_to_image import StableDiffusionXLPipeline
 from .text_to_image import StableDiffusionPipeline
 
 __all__ = [
@@ -24,4 +28,8 @@ __all__ = [
     "StableDiffusionInpaintPipeline",
     "StableDiffusionPipeline",
     "StableDiffusionPipelineOutput",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLPipelineOutput",
 ]

@@ -104,6 +104,9 @@ def tile_to_batch(array: np.ndarray, batch: int, name: str) -> np.ndarray:
     return np.concatenate([array] * (batch // count))
 
 
+# The names diffusers' callbacks give the UNet's added inputs.
+_CALLBACK_NAMES = {"text_embeds": "add_text_embeds", "time_ids": "add_time_ids"}
+
 # What a UNet's extra input channels (beyond the latents) say about the task it was trained for.
 UNET_KINDS = {0: "a text-to-image UNet: sdort txt2img or img2img", 5: "an inpainting UNet: sdort inpaint",
               1: "a depth-to-image UNet: sdort depth2img"}
@@ -135,6 +138,8 @@ class OnnxDiffusionPipeline:
     conditioning_channels = (0,)
     # Tensors a `callback_on_step_end` may ask for (diffusers' `_callback_tensor_inputs`).
     callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
+    # Settings of model_index.json that `from_pretrained` passes to the constructor.
+    config_names = ()
 
     def __init__(self, unet, vae_decoder, scheduler, vae_encoder=None, **extra_parts):
         self.unet = unet
@@ -193,12 +198,17 @@ class OnnxDiffusionPipeline:
             raise FileNotFoundError(f"{path}: no such model folder")
         if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
             raise FileNotFoundError(f"{path}: not an exported model (no model_index.json)")
-        if (path / "model_index.json").is_file():
-            read_json(path / "model_index.json")  # a malformed index names itself, not a later symptom
         # The small files first, so that a bad config fails before the sessions take their time.
         parts = {}
-        if "tokenizer" not in overrides and "text_encoder" in cls.required_parts:
-            parts["tokenizer"] = CLIPTokenizer.from_pretrained(path / "tokenizer")
+        index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+        for name in cls.config_names:  # the pipeline's own settings (SDXL's force_zeros_for_empty_prompt, ...)
+            if name in index and name not in overrides:
+                parts[name] = index[name]
+        for encoder in cls.required_parts + cls.optional_parts:
+            tokenizer = encoder.replace("text_encoder", "tokenizer")
+            if encoder.startswith("text_encoder") and tokenizer not in overrides and (
+                    encoder in cls.required_parts or (path / encoder / "model.onnx").is_file()):
+                parts[tokenizer] = CLIPTokenizer.from_pretrained(path / tokenizer)
         if "scheduler" not in overrides:
             config_path = path / "scheduler" / "scheduler_config.json"
             config = read_json(config_path)
@@ -224,6 +234,14 @@ class OnnxDiffusionPipeline:
 
     # ---- images --------------------------------------------------------------------------
 
+    def is_latents(self, value) -> bool:
+        """An NCHW array with the VAE's latent channels (another pipeline's `output_type="latent"`),
+        which diffusers' image-to-image pipelines take as they are (an NHWC image has 1 or 3
+        channels last)."""
+        channels = self.vae_decoder.config.get("latent_channels", 4)
+        return (isinstance(value, np.ndarray) and value.ndim == 4 and value.shape[1] == channels
+                and value.shape[3] not in (1, 3, channels))
+
     def preprocess_image(self, value, name: str = "image", processor=None, **kwargs) -> np.ndarray:
         """`processor.preprocess(value)` (the VAE image processor by default); errors name the parameter.
 
@@ -231,6 +249,8 @@ class OnnxDiffusionPipeline:
         and fail deep inside the VAE on a greyscale or palette one.
         """
         processor = processor or self.image_processor
+        if processor is self.image_processor and self.is_latents(value):
+            return np.asarray(value, dtype=np.float32)
         if not (processor.config.do_convert_rgb or processor.config.do_convert_grayscale):
             for item in value if isinstance(value, list) else [value]:
                 if isinstance(item, Image.Image) and item.mode != "RGB":
@@ -291,7 +311,6 @@ class OnnxDiffusionPipeline:
         """
         if self.vae_encoder is None:
             raise ValueError(f"{type(self).__name__}: this task needs the 'vae_encoder' part, which the model lacks")
-        scaling = np.float32(self.vae_decoder.config.get("scaling_factor", 0.18215))
         if isinstance(generator, list):
             return np.concatenate([self.encode_image(image[i:i + 1], g) for i, g in enumerate(generator)])
         outputs = self.vae_encoder(sample=image)
@@ -304,11 +323,15 @@ class OnnxDiffusionPipeline:
             # `latent_sample` (Optimum before 1.23): sampled inside the graph by ONNX Runtime's own
             # random op. The draw above is discarded, so the generator is where diffusers' is and
             # the noise drawn next (img2img, inpaint) is the same.
-            return params * scaling
+            return self.scale_latents(params)
         # DiagonalGaussianDistribution: logvar clamped to [-30, 20], sample = mean + std * noise
         mean, logvar = np.split(params, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-        return (mean + std * noise) * scaling
+        return self.scale_latents(mean + std * noise)
+
+    def scale_latents(self, sample: np.ndarray) -> np.ndarray:
+        """The VAE's sample to the UNet's latent space: times `scaling_factor`."""
+        return sample * np.float32(self.vae_decoder.config.get("scaling_factor", 0.18215))
 
     @staticmethod
     def strength_timesteps(scheduler, num_inference_steps: int, strength: float):
@@ -326,6 +349,12 @@ class OnnxDiffusionPipeline:
         """Encode `image` and noise it to `timestep`, as diffusers' img2img `prepare_latents`:
         images are tiled to the batch (before encoding when each image has its own generator),
         and the noise is drawn after the encoder's sample."""
+        init = self.image_latents(image, batch, generator)
+        noise = randn_tensor(init.shape, generator=generator, dtype=self.unet.inputs["sample"].dtype)
+        return scheduler.add_noise(init, noise.astype(np.float32), np.repeat(timestep, batch))
+
+    def image_latents(self, image, batch: int, generator) -> np.ndarray:
+        """The latents of `image` (NCHW in [-1, 1], or already latents) tiled to `batch`."""
         image = np.asarray(image, dtype=np.float32)
         if image.shape[1] == self.vae_decoder.config.get("latent_channels", 4):
             init = image  # already latents
@@ -337,9 +366,7 @@ class OnnxDiffusionPipeline:
             if isinstance(generator, list):
                 image = tile_to_batch(image, batch, "image")
             init = self.encode_image(image, generator)
-        init = tile_to_batch(init, batch, "image")
-        noise = randn_tensor(init.shape, generator=generator, dtype=self.unet.inputs["sample"].dtype)
-        return scheduler.add_noise(init, noise.astype(np.float32), np.repeat(timestep, batch))
+        return tile_to_batch(init, batch, "image")
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -363,6 +390,7 @@ class OnnxDiffusionPipeline:
         generator=None,
         eta: float = 0.0,
         conditioning: np.ndarray | None = None,
+        added_inputs: dict | None = None,
         after_step: Callable | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs=("latents",),
@@ -373,6 +401,9 @@ class OnnxDiffusionPipeline:
         `conditioning` is concatenated to the latents on the channel axis before the UNet
         (inpainting mask and masked image, depth); `after_step(i, t, latents)` may change the
         latents after each step (inpainting with a 4-channel UNet re-imposes the known region).
+        `added_inputs` are more UNet inputs for the whole UNet batch (negative half first), constant
+        over the steps: SDXL's `text_embeds` and `time_ids`, which callbacks see and may replace as
+        `add_text_embeds` and `add_time_ids`, as in diffusers.
         `callback_on_step_end` may return new `latents`, `prompt_embeds` or `conditioning`.
         """
         self.check_unet_kind(latents.shape[1] + (0 if conditioning is None else conditioning.shape[1]))
@@ -381,6 +412,8 @@ class OnnxDiffusionPipeline:
         embeds = np.concatenate([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
         # Constant over all steps: placed on the session's device once.
         embeds_on_device = self.unet.to_device("encoder_hidden_states", embeds)
+        added_inputs = dict(added_inputs or {})
+        added_on_device = {name: self.unet.to_device(name, value) for name, value in added_inputs.items()}
         # The UNet's input batch, built in one buffer made once per call: [uncond; text] copies of
         # the scaled latents, then the conditioning channels (written once into both halves, or
         # when a callback replaces them).
@@ -398,7 +431,7 @@ class OnnxDiffusionPipeline:
                 model_input[n:, :c] = model_input[:n, :c]
             noise_pred = self.unet(
                 sample=model_input, timestep=self._timestep_feed(t, model_input.shape[0]),
-                encoder_hidden_states=embeds_on_device,
+                encoder_hidden_states=embeds_on_device, **added_on_device,
             )["out_sample"].astype(np.float32, copy=False)
             check_finite_output(noise_pred, "unet", lambda: f"at step {i + 1} of {len(timesteps)} (timestep {t})")
             if do_cfg:
@@ -417,9 +450,14 @@ class OnnxDiffusionPipeline:
                 latents = after_step(i, t, latents)
             if callback_on_step_end is not None:
                 # As in diffusers, `prompt_embeds` here is the batch the UNet sees (negative first).
-                values = {"latents": latents, "prompt_embeds": embeds, "negative_prompt_embeds": negative_prompt_embeds}
+                values = {"latents": latents, "prompt_embeds": embeds, "negative_prompt_embeds": negative_prompt_embeds,
+                          **{_CALLBACK_NAMES[name]: value for name, value in added_inputs.items()}}
                 changed = callback_on_step_end(self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs}) or {}
                 latents = changed.get("latents", latents)
+                for name in added_inputs:
+                    if _CALLBACK_NAMES[name] in changed:
+                        added_inputs[name] = changed[_CALLBACK_NAMES[name]]
+                        added_on_device[name] = self.unet.to_device(name, added_inputs[name])
                 if "conditioning" in changed:  # the UNet batch's extra channels, doubled with guidance
                     model_input[:, c:] = changed["conditioning"]
                 if "prompt_embeds" in changed:
@@ -431,11 +469,14 @@ class OnnxDiffusionPipeline:
         """VAE decoding and postprocessing, as diffusers: decode(latents / scaling_factor), then [0, 1]."""
         if output_type == "latent":
             return latents
-        scaling = self.vae_decoder.config.get("scaling_factor", 0.18215)
         check_finite_output(latents, "the denoising loop", "in the final latents")
-        image = self.vae_decoder(latent_sample=latents / np.float32(scaling))["sample"].astype(np.float32)
+        image = self.vae_decoder(latent_sample=self.unscale_latents(latents))["sample"].astype(np.float32)
         check_finite_output(image, "vae_decoder", "when decoding the latents")
         return self.image_processor.postprocess(image, output_type=output_type)
+
+    def unscale_latents(self, latents: np.ndarray) -> np.ndarray:
+        """What the VAE decoder takes: latents / scaling_factor."""
+        return latents / np.float32(self.vae_decoder.config.get("scaling_factor", 0.18215))
 
     @staticmethod
     def fresh_scheduler(scheduler):
@@ -465,7 +506,7 @@ class TextConditionedPipeline(OnnxDiffusionPipeline):
         return total, self.check_generator(generator, total)
 
     def encode_prompt(self, prompt, num_images_per_prompt: int, do_classifier_free_guidance: bool,
-                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None):
+                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, clip_skip=None):
         """diffusers' `encode_prompt`: see `PromptEncoder.__call__`."""
         return self.prompt_encoder(prompt, num_images_per_prompt, do_classifier_free_guidance,
-                                   negative_prompt, prompt_embeds, negative_prompt_embeds)
+                                   negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)

@@ -152,6 +152,7 @@ class StableDiffusionDepth2ImgPipeline(TextConditionedPipeline):
         negative_prompt_embeds=None,
         output_type: str = "pil",
         return_dict: bool = True,
+        clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
     ):
@@ -165,7 +166,7 @@ class StableDiffusionDepth2ImgPipeline(TextConditionedPipeline):
             prompt_embeds, negative_prompt_embeds, output_type, generator, callback_on_step_end_tensor_inputs)
         do_cfg = guidance_scale > 1
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
+            prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
 
         pixels = self.preprocess_image(image)
         # diffusers sizes the depth map from the input image: its size // vae_scale_factor, which is

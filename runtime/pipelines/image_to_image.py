@@ -33,6 +33,7 @@ class StableDiffusionImg2ImgPipeline(TextConditionedPipeline):
         negative_prompt_embeds=None,
         output_type: str = "pil",
         return_dict: bool = True,
+        clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
     ):
@@ -44,7 +45,7 @@ class StableDiffusionImg2ImgPipeline(TextConditionedPipeline):
             prompt_embeds, negative_prompt_embeds, output_type, generator, callback_on_step_end_tensor_inputs)
         do_cfg = guidance_scale > 1
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
+            prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
         image = self.preprocess_image(image)
 
         scheduler = self.fresh_scheduler(self.scheduler)

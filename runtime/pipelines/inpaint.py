@@ -26,8 +26,8 @@ from ..randomness import randn_tensor
 from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps, tile_to_batch
 from .checks import check_strength
 
-# Those the shared loop itself hands to callbacks; the mask ones are added here.
-_LOOP_TENSOR_INPUTS = TextConditionedPipeline.callback_tensor_inputs
+# The tensors this task adds to what callbacks may read and replace.
+MASK_TENSOR_INPUTS = ("mask", "masked_image_latents")
 
 
 def _first(generator, count: int):
@@ -35,14 +35,11 @@ def _first(generator, count: int):
     return generator[:count] if isinstance(generator, list) else generator
 
 
-class StableDiffusionInpaintPipeline(TextConditionedPipeline):
-    """Inpainting with diffusers' parameters, defaults and output; 9-channel inpainting UNets and
-    ordinary 4-channel ones."""
+class InpaintStages:
+    """The stages inpainting adds to a pipeline (SD's and SDXL's): mask and image preparation, the
+    first latents, and the loop's masked-region handling; mixed into a pipeline class."""
 
-    required_parts = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-    optional_parts = ()
     conditioning_channels = (0, 5)  # 4-channel UNet, or 9: + mask + masked image latents
-    callback_tensor_inputs = (*TextConditionedPipeline.callback_tensor_inputs, "mask", "masked_image_latents")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -119,22 +116,26 @@ class StableDiffusionInpaintPipeline(TextConditionedPipeline):
         return masked_image_latents
 
     def initial_latents(self, init_image, latents, latent_shape, generator, scheduler, timesteps, strength,
-                        needs_image_latents):
+                        needs_image_latents, add_noise: bool = True):
         """The first latents, the noise they were made with, and the image latents (or None).
 
         Random draws in diffusers' order: the image's VAE sample when the image latents are needed
         (image i with generator i, then tiled to the batch), then the noise — or the given
-        `latents`, which diffusers then uses as the noise at any strength."""
+        `latents`, which diffusers then uses as the noise at any strength. Without `add_noise`
+        (SDXL's `denoising_start`: a refiner continuing) the noise is drawn and the image latents
+        are the first latents."""
         total = latent_shape[0]
         image_latents = None
-        if needs_image_latents:
+        if needs_image_latents or not add_noise:
             image_latents = tile_to_batch(self.encode_image(init_image, _first(generator, init_image.shape[0])),
                                           total, "image")
-        if latents is not None:
+        if latents is not None and add_noise:
             noise = np.asarray(latents, dtype=np.float32)
             return noise * np.float32(scheduler.init_noise_sigma), noise, image_latents
         noise = randn_tensor(latent_shape, generator=generator, dtype=self.unet.inputs["sample"].dtype)
         noise = noise.astype(np.float32)
+        if not add_noise:
+            return image_latents, noise, image_latents
         if strength == 1.0:
             return noise * np.float32(scheduler.init_noise_sigma), noise, image_latents
         noised = scheduler.add_noise(image_latents, noise, np.repeat(timesteps[:1], total))
@@ -151,6 +152,50 @@ class StableDiffusionInpaintPipeline(TextConditionedPipeline):
         mask = self.mask_processor.resize(mask_condition.transpose(0, 2, 3, 1), *hw).transpose(0, 3, 1, 2)
         mask = tile_to_batch(np.ascontiguousarray(mask, dtype=np.float32), total, "mask_image")
         return mask, masked_image_latents
+
+    def denoise_masked(self, latents, noise, image_latents, mask, masked_image_latents, timesteps, scheduler,
+                       nine_channels: bool, prompt_embeds, negative_prompt_embeds, guidance_scale, guidance_rescale=0.0,
+                       added_inputs=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
+                       **loop_kwargs):
+        """The shared loop with the mask: as conditioning channels of a 9-channel UNet, or, with a
+        4-channel one, the known region put back after every step; callbacks may read and replace
+        `mask` and `masked_image_latents`."""
+        do_cfg = negative_prompt_embeds is not None
+        region = _MaskedRegion(mask, masked_image_latents, do_cfg, nine_channels)
+        known = None if nine_channels else _KnownRegion(region, image_latents, noise, timesteps, scheduler)
+        callback = None
+        loop_inputs = tuple(callback_on_step_end_tensor_inputs)
+        if callback_on_step_end is not None:
+            callback = _MaskCallback(region, callback_on_step_end, loop_inputs)
+            loop_inputs = tuple(k for k in loop_inputs if k not in MASK_TENSOR_INPUTS)
+        return self.denoise(
+            latents, timesteps, scheduler, prompt_embeds, negative_prompt_embeds, guidance_scale, guidance_rescale,
+            conditioning=np.concatenate([mask, masked_image_latents], axis=1) if nine_channels else None,
+            added_inputs=added_inputs, after_step=known, callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=loop_inputs, **loop_kwargs,
+        )
+
+    def check_nine_channels(self, latent_shape, mask, masked_image_latents) -> None:
+        total = latent_shape[1] + mask.shape[1] + masked_image_latents.shape[1]
+        if total != 9:
+            raise ValueError(f"unet: takes 9 input channels, but latents ({latent_shape[1]}) + mask ({mask.shape[1]}) "
+                             f"+ masked_image_latents ({masked_image_latents.shape[1]}) make {total}")
+
+    def unet_kind(self) -> bool:
+        """Whether the UNet is a 9-channel inpainting one (else an ordinary 4-channel one)."""
+        self.check_unet_kind()
+        if self.unet_in_channels is None:
+            raise ValueError("unet: cannot tell its number of input channels (no config.json, dynamic 'sample' shape)")
+        return self.unet_in_channels == 9
+
+
+class StableDiffusionInpaintPipeline(InpaintStages, TextConditionedPipeline):
+    """Inpainting with diffusers' parameters, defaults and output; 9-channel inpainting UNets and
+    ordinary 4-channel ones."""
+
+    required_parts = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+    optional_parts = ()
+    callback_tensor_inputs = (*TextConditionedPipeline.callback_tensor_inputs, *MASK_TENSOR_INPUTS)
 
     # ---- the call --------------------------------------------------------------------------
 
@@ -177,6 +222,7 @@ class StableDiffusionInpaintPipeline(TextConditionedPipeline):
         negative_prompt_embeds=None,
         output_type: str = "pil",
         return_dict: bool = True,
+        clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
     ):
@@ -187,10 +233,7 @@ class StableDiffusionInpaintPipeline(TextConditionedPipeline):
         total, generator = self.check_inputs(
             prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, negative_prompt,
             prompt_embeds, negative_prompt_embeds, output_type, generator, callback_on_step_end_tensor_inputs)
-        self.check_unet_kind()
-        nine_channels = self.unet_in_channels == 9
-        if self.unet_in_channels is None:
-            raise ValueError("unet: cannot tell its number of input channels (no config.json, dynamic 'sample' shape)")
+        nine_channels = self.unet_kind()
         latent_shape = self.latent_shape(total, height, width)
         if latents is not None and np.shape(latents) != tuple(latent_shape):
             raise ValueError(f"latents: expected shape {tuple(latent_shape)}, got {np.shape(latents)}")
@@ -201,7 +244,7 @@ class StableDiffusionInpaintPipeline(TextConditionedPipeline):
         # 2. Encode the prompt.
         do_cfg = guidance_scale > 1
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
+            prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
 
         # 3. The schedule, shortened by strength.
         scheduler = self.fresh_scheduler(self.scheduler)
@@ -216,26 +259,16 @@ class StableDiffusionInpaintPipeline(TextConditionedPipeline):
             init_image, latents, latent_shape, generator, scheduler, timesteps, strength, needs_image_latents)
         mask, masked_image_latents = self.mask_latents(
             mask_condition, init_image, masked_image_latents, latent_shape, generator)
-        if nine_channels and latent_shape[1] + mask.shape[1] + masked_image_latents.shape[1] != 9:
-            raise ValueError(f"unet: takes 9 input channels, but latents ({latent_shape[1]}) + mask ({mask.shape[1]}) "
-                             f"+ masked_image_latents ({masked_image_latents.shape[1]}) make "
-                             f"{latent_shape[1] + mask.shape[1] + masked_image_latents.shape[1]}")
+        if nine_channels:
+            self.check_nine_channels(latent_shape, mask, masked_image_latents)
 
         # 5. Denoise: a 9-channel UNet reads mask and masked image as extra channels; with a
         # 4-channel one the known region is put back after every step.
-        region = _MaskedRegion(mask, masked_image_latents, do_cfg, nine_channels)
-        known = None if nine_channels else _KnownRegion(region, image_latents, noise, timesteps, scheduler)
-        callback = None
-        loop_inputs = tuple(callback_on_step_end_tensor_inputs)
-        if callback_on_step_end is not None:
-            callback = _MaskCallback(region, callback_on_step_end, loop_inputs)
-            loop_inputs = tuple(k for k in loop_inputs if k in _LOOP_TENSOR_INPUTS)
-        latents = self.denoise(
-            latents, timesteps, scheduler, prompt_embeds, negative_prompt_embeds if do_cfg else None, guidance_scale,
-            generator=generator, eta=eta,
-            conditioning=np.concatenate([mask, masked_image_latents], axis=1) if nine_channels else None,
-            after_step=known, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=loop_inputs,
-        )
+        latents = self.denoise_masked(
+            latents, noise, image_latents, mask, masked_image_latents, timesteps, scheduler, nine_channels,
+            prompt_embeds, negative_prompt_embeds if do_cfg else None, guidance_scale, generator=generator, eta=eta,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
 
         # 6. Decode, and paste a padding_mask_crop region back over the original.
         images = self.decode(latents, output_type)

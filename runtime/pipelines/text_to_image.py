@@ -27,6 +27,7 @@ class StableDiffusionPipeline(TextConditionedPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
     ):
@@ -37,7 +38,7 @@ class StableDiffusionPipeline(TextConditionedPipeline):
         # diffusers: no classifier-free guidance at guidance_scale <= 1
         do_cfg = guidance_scale > 1
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
+            prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
 
         scheduler = self.fresh_scheduler(self.scheduler)
         retrieve_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
