@@ -8,8 +8,6 @@ from .base import (
     KarrasDiffusionSchedulers,
     SchedulerMixin,
     SchedulerOutput,
-    SigmaSchedulerMixin,
-    UnsupportedOptionError,
     get_scheduler_class,
     register_to_config,
 )
@@ -22,11 +20,13 @@ from .edm import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .heun import HeunDiscreteScheduler
+from .k_diffusion import SigmaSchedulerMixin
 from .kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
 from .names import SCHEDULER_NAMES, scheduler_from_name
 from .noise import randn_tensor
+from .options import UnsupportedOptionError
 from .pndm import PNDMScheduler
 from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler

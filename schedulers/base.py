@@ -9,8 +9,8 @@ Matches the scheduler half of diffusers' ``ConfigMixin``/``SchedulerMixin`` (dif
   not take are kept in its config (so the next conversion still sees them), values that were
   defaults in the source (``_use_default_values``) give way to the new class's defaults, and keys
   no known scheduler takes are reported in one warning.
-* the step counter (``step_index``/``begin_index``/``set_begin_index``/``index_for_timestep``)
-  and the sigma-space helpers (``SigmaSchedulerMixin``) are written once here.
+* the step counter (``step_index``/``begin_index``/``set_begin_index``/``index_for_timestep``) is
+  written once here; the sigma-space helpers (``SigmaSchedulerMixin``) are in ``k_diffusion.py``.
 
 Limitations: ``from_pretrained`` reads local folders only (no Hub download). Keys belonging to a
 diffusers scheduler that sdort does not implement yet are warned about, where diffusers would keep
@@ -31,6 +31,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+
+from .options import UnsupportedOptionError, check_option  # noqa: F401 (re-exported: base was their home)
+from .schedule import threshold_sample
 
 logger = logging.getLogger("sdort.schedulers")
 
@@ -61,21 +64,6 @@ class KarrasDiffusionSchedulers(enum.Enum):
 
 
 KARRAS_COMPATIBLES = [e.name for e in KarrasDiffusionSchedulers]
-
-
-class UnsupportedOptionError(ValueError, NotImplementedError):
-    """A configuration value the scheduler does not implement.
-
-    A ValueError, and also a NotImplementedError because diffusers raises that one for an
-    unknown ``beta_schedule``: code catching either keeps working.
-    """
-
-
-def check_option(owner: str, name: str, value, allowed) -> None:
-    """Refuse ``value`` for option ``name`` unless it is one of ``allowed``."""
-    if value not in allowed:
-        choices = ", ".join(repr(a) for a in allowed)
-        raise UnsupportedOptionError(f"{owner}: {name}={value!r} is not supported; choose one of {choices}")
 
 
 class FrozenDict(dict):
@@ -372,13 +360,19 @@ class SchedulerMixin:
 
     def _threshold_sample(self, sample):
         """diffusers' dynamic thresholding with this scheduler's ratio and max value."""
-        from .schedule import threshold_sample  # schedule.py imports this module: no top-level import
-
         return threshold_sample(sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
 
     def _check_ready(self) -> None:
         if getattr(self, "num_inference_steps", None) is None:
             raise ValueError("num_inference_steps is None: call set_timesteps before step")
+
+    def _check_step_count(self, num_inference_steps) -> None:
+        # a subset of the training timesteps cannot have more of them than there are
+        T = self.config.num_train_timesteps
+        if num_inference_steps > T:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} cannot be larger than num_train_timesteps={T}"
+            )
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -444,46 +438,3 @@ class SchedulerMixin:
         if self._step_index is not None:
             return [self._step_index] * timesteps.shape[0]
         return [self._begin_index] * timesteps.shape[0]
-
-
-def broadcast_to_ndim(values, ndim: int) -> np.ndarray:
-    """``values`` flattened, then given trailing axes of size 1 up to ``ndim`` (per-batch coefficients)."""
-    values = np.asarray(values).reshape(-1)
-    return values.reshape(values.shape + (1,) * max(ndim - 1, 0))
-
-
-def compute_dtype(*arrays):
-    """float64 if any input is float64, else float32 (float16/bfloat16 work is done in float32)."""
-    return np.float64 if any(np.asarray(a).dtype == np.float64 for a in arrays) else np.float32
-
-
-class SigmaSchedulerMixin(SchedulerMixin):
-    """Shared parts of schedulers working on sigma = sqrt((1 - alpha_bar) / alpha_bar) (Euler, Heun, LMS…).
-
-    Expects ``self.sigmas`` (float32, with the final sigma appended), ``self.timesteps`` and
-    ``self.alphas_cumprod``.
-    """
-
-    @property
-    def init_noise_sigma(self) -> float:
-        # Standard deviation of the initial noise: sigma_max, or sqrt(sigma_max**2 + 1) for "leading".
-        max_sigma = np.float32(np.max(self.sigmas))
-        if self.config.timestep_spacing in ("linspace", "trailing"):
-            return float(max_sigma)
-        return float(np.sqrt(max_sigma * max_sigma + np.float32(1)))
-
-    def scale_model_input(self, sample, timestep=None):
-        """sample / sqrt(sigma**2 + 1): the input scaling of the k-diffusion denoiser."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        sigma = self.sigmas[self._step_index]
-        self.is_scale_input_called = True
-        sample = np.asarray(sample)
-        return (sample / np.sqrt(sigma * sigma + np.float32(1))).astype(sample.dtype, copy=False)
-
-    def add_noise(self, original_samples, noise, timesteps):
-        """x_t = x_0 + noise * sigma_t, with sigma_t picked by step index (see ``_step_indices_for``)."""
-        original_samples = np.asarray(original_samples)
-        sigmas = self.sigmas.astype(original_samples.dtype)
-        sigma = broadcast_to_ndim(sigmas[self._step_indices_for(timesteps)], original_samples.ndim)
-        return original_samples + np.asarray(noise) * sigma

@@ -15,31 +15,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import (
-    KARRAS_COMPATIBLES,
-    SchedulerMixin,
-    SchedulerOutput,
-    check_option,
-    compute_dtype,
-    register_to_config,
-)
+from .base import KARRAS_COMPATIBLES, SchedulerOutput, register_to_config
 from .noise import randn_tensor
+from .numerics import compute_dtype
+from .options import check_option
 from .schedule import (
     BETA_SCHEDULES,
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
-    add_noise_vp,
     int_timestep,
     spaced_timesteps,
     training_schedule,
-    velocity_vp,
-    vp_prediction_to_x0_eps,
 )
+from .vp import VPVelocityMixin, vp_prediction_to_x0_eps
 
 DDIMSchedulerOutput = SchedulerOutput
 
 
-class DDIMScheduler(SchedulerMixin):
+class DDIMScheduler(VPVelocityMixin):
     """Denoising diffusion implicit models: a deterministic (eta = 0) or stochastic step between VP timesteps."""
 
     _compatibles = KARRAS_COMPATIBLES
@@ -85,11 +78,7 @@ class DDIMScheduler(SchedulerMixin):
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         """Compute the ``num_inference_steps`` int64 timesteps (descending) for the configured spacing."""
-        if num_inference_steps > self.config.num_train_timesteps:
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps} cannot be larger than num_train_timesteps="
-                f"{self.config.num_train_timesteps}"
-            )
+        self._check_step_count(num_inference_steps)
         self.num_inference_steps = num_inference_steps
         self.timesteps = spaced_timesteps(
             num_inference_steps,
@@ -104,7 +93,7 @@ class DDIMScheduler(SchedulerMixin):
     def _get_variance(self, timestep, prev_timestep):
         # sigma_t^2 / eta^2 = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)   (eq. 16)
         alpha_prod_t = self.alphas_cumprod[timestep]
-        alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        alpha_prod_t_prev = self._alpha_prev(prev_timestep)
         beta_prod_t = 1 - alpha_prod_t
         beta_prod_t_prev = 1 - alpha_prod_t_prev
         return (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
@@ -122,8 +111,7 @@ class DDIMScheduler(SchedulerMixin):
         **kwargs,
     ):
         """One DDIM update x_t -> x_{t-1} (eq. 12 of the paper); extra keyword arguments are ignored."""
-        if self.num_inference_steps is None:
-            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+        self._check_ready()
         model_output, sample = np.asarray(model_output), np.asarray(sample)
         out_dtype = model_output.dtype
         work = compute_dtype(model_output, sample)
@@ -135,7 +123,7 @@ class DDIMScheduler(SchedulerMixin):
 
         # 2. alpha_bar_t and alpha_bar_{t-1}
         alpha_prod_t = self.alphas_cumprod[timestep]
-        alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        alpha_prod_t_prev = self._alpha_prev(prev_timestep)
         beta_prod_t = 1 - alpha_prod_t
 
         # 3. predicted x_0 and epsilon ("predicted x_0" of eq. 12)
@@ -144,11 +132,7 @@ class DDIMScheduler(SchedulerMixin):
         )
 
         # 4. clip or threshold x_0
-        if self.config.thresholding:
-            pred_original_sample = self._threshold_sample(pred_original_sample)
-        elif self.config.clip_sample:
-            r = self.config.clip_sample_range
-            pred_original_sample = np.clip(pred_original_sample, -r, r)
+        pred_original_sample = self._clip_or_threshold(pred_original_sample)
 
         # 5. sigma_t = eta * sqrt(variance)   (eq. 16)
         variance = self._get_variance(timestep, prev_timestep)
@@ -176,11 +160,3 @@ class DDIMScheduler(SchedulerMixin):
         if not return_dict:
             return (prev_sample, pred_original_sample)
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
-
-    def add_noise(self, original_samples, noise, timesteps):
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise."""
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
-
-    def get_velocity(self, sample, noise, timesteps):
-        """v = sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x_0."""
-        return velocity_vp(self.alphas_cumprod[np.asarray(timesteps, dtype=np.int64)], sample, noise)

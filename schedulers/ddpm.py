@@ -14,24 +14,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import KARRAS_COMPATIBLES, SchedulerMixin, SchedulerOutput, check_option, compute_dtype, register_to_config
+from .base import KARRAS_COMPATIBLES, SchedulerOutput, register_to_config
 from .noise import randn_tensor
-from .schedule import (
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
-    add_noise_vp,
-    int_timestep,
-    spaced_timesteps,
-    training_schedule,
-    velocity_vp,
-    vp_prediction_to_x0_eps,
-)
+from .numerics import compute_dtype
+from .options import check_option
+from .schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS, int_timestep, spaced_timesteps, training_schedule
+from .vp import VPVelocityMixin, vp_prediction_to_x0_eps
 
 DDPMSchedulerOutput = SchedulerOutput
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
 
-class DDPMScheduler(SchedulerMixin):
+class DDPMScheduler(VPVelocityMixin):
     """Ancestral sampling of the DDPM reverse process, on any subset of the training timesteps."""
 
     _compatibles = KARRAS_COMPATIBLES
@@ -94,10 +88,7 @@ class DDPMScheduler(SchedulerMixin):
         else:
             if num_inference_steps is None:
                 raise ValueError("set_timesteps: give `num_inference_steps` or `timesteps`")
-            if num_inference_steps > T:
-                raise ValueError(
-                    f"num_inference_steps={num_inference_steps} cannot be larger than num_train_timesteps={T}"
-                )
+            self._check_step_count(num_inference_steps)
             self.num_inference_steps = num_inference_steps
             self.custom_timesteps = False
             timesteps = spaced_timesteps(
@@ -115,10 +106,14 @@ class DDPMScheduler(SchedulerMixin):
             return -1 if index == self.timesteps.shape[0] - 1 else int(self.timesteps[index + 1])
         return timestep - 1
 
+    def _alpha_prev(self, prev_timestep: int):
+        # alpha_bar at the previous timestep, 1 after the last one
+        return self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.one
+
     def _get_variance(self, t, predicted_variance=None, variance_type=None):
         prev_t = self.previous_timestep(t)
         alpha_prod_t = self.alphas_cumprod[t]
-        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+        alpha_prod_t_prev = self._alpha_prev(prev_t)
         current_beta_t = 1 - alpha_prod_t / alpha_prod_t_prev
 
         # posterior variance beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t   (eq. 7), kept above 1e-20
@@ -158,7 +153,7 @@ class DDPMScheduler(SchedulerMixin):
 
         # 1. alphas and betas
         alpha_prod_t = self.alphas_cumprod[t]
-        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+        alpha_prod_t_prev = self._alpha_prev(prev_t)
         beta_prod_t = 1 - alpha_prod_t
         beta_prod_t_prev = 1 - alpha_prod_t_prev
         current_alpha_t = alpha_prod_t / alpha_prod_t_prev
@@ -170,11 +165,7 @@ class DDPMScheduler(SchedulerMixin):
         )
 
         # 3. clip or threshold x_0
-        if self.config.thresholding:
-            pred_original_sample = self._threshold_sample(pred_original_sample)
-        elif self.config.clip_sample:
-            r = self.config.clip_sample_range
-            pred_original_sample = np.clip(pred_original_sample, -r, r)
+        pred_original_sample = self._clip_or_threshold(pred_original_sample)
 
         # 4. posterior mean mu~_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
         #                         + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t   (eq. 7)
@@ -200,11 +191,3 @@ class DDPMScheduler(SchedulerMixin):
         if not return_dict:
             return (pred_prev_sample, pred_original_sample)
         return DDPMSchedulerOutput(prev_sample=pred_prev_sample, pred_original_sample=pred_original_sample)
-
-    def add_noise(self, original_samples, noise, timesteps):
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise."""
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
-
-    def get_velocity(self, sample, noise, timesteps):
-        """v = sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x_0."""
-        return velocity_vp(self.alphas_cumprod[np.asarray(timesteps, dtype=np.int64)], sample, noise)

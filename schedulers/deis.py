@@ -21,18 +21,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import SchedulerOutput, check_option, compute_dtype, register_to_config
-from .dpmsolver_multistep import SOLVER_PREDICTION_TYPES, LogSNRSolverMixin, _sample_argument
-from .schedule import (
-    TIMESTEP_SPACINGS,
-    chosen_sigma_schedule,
-    exp_f32,
-    flow_sigmas,
-    interp_sigmas,
-    linear_combination,
-    sigma_to_t,
-    solver_timesteps,
-)
+from .base import SchedulerOutput, register_to_config
+from .log_snr import SOLVER_PREDICTION_TYPES, LogSNRSolverMixin, _sample_argument
+from .numerics import compute_dtype, exp_f32, linear_combination
+from .options import check_option
+from .schedule import TIMESTEP_SPACINGS, chosen_sigma_schedule, final_sigma, solver_timesteps
 
 
 def _log(x):
@@ -111,42 +104,16 @@ class DEISMultistepScheduler(LogSNRSolverMixin):
         """Compute ``timesteps`` (int64) and ``sigmas`` (float32, final sigma appended)."""
         cfg = self.config
         if mu is not None:
-            if not (cfg.use_dynamic_shifting and cfg.time_shift_type == "exponential"):
-                raise ValueError("set_timesteps: `mu` needs use_dynamic_shifting=True")
-            self.register_to_config(flow_shift=float(np.exp(mu)))
+            self._apply_mu(mu)
             cfg = self.config
         timesteps = solver_timesteps(
             num_inference_steps, cfg.num_train_timesteps, cfg.timestep_spacing, cfg.steps_offset,
             owner=type(self).__name__,
         )
-        sigmas = self._train_sigmas()
-        log_sigmas = np.log(sigmas)
-        if cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas:
-            if cfg.use_karras_sigmas:
-                sigmas = self._convert_to_karras(np.flip(sigmas), num_inference_steps)
-                timesteps = sigma_to_t(sigmas, log_sigmas).round()
-            elif cfg.use_exponential_sigmas:
-                sigmas = self._convert_to_exponential(np.flip(sigmas), num_inference_steps)
-                timesteps = sigma_to_t(sigmas, log_sigmas)
-            else:
-                sigmas = self._convert_to_beta(np.flip(sigmas), num_inference_steps)
-                timesteps = sigma_to_t(sigmas, log_sigmas)
-            sigmas = np.concatenate([sigmas, sigmas[-1:]])  # the last step stays at sigma_min
-        elif cfg.use_flow_sigmas:
-            sigmas = flow_sigmas(num_inference_steps, cfg.num_train_timesteps, cfg.flow_shift)
-            timesteps = sigmas * cfg.num_train_timesteps
-            sigmas = np.concatenate([sigmas, sigmas[-1:]])
-        else:
-            sigmas = interp_sigmas(timesteps, sigmas)
-            ac0 = self.alphas_cumprod[0]
-            sigmas = np.concatenate([sigmas, [np.sqrt((1 - ac0) / ac0)]])
-        self.sigmas = sigmas.astype(np.float32)
-        self.timesteps = np.asarray(timesteps).astype(np.int64)
-        self.num_inference_steps = len(timesteps)
-        self.model_outputs = [None] * cfg.solver_order
-        self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
+        sigmas, timesteps, schedule = self._solver_sigmas(timesteps, num_inference_steps)
+        # after a karras / exponential / beta or flow schedule the last step stays at its last sigma
+        last = sigmas[-1:] if schedule is not None else [final_sigma("sigma_min", self.alphas_cumprod)]
+        self._set_schedule(np.concatenate([sigmas, last]), timesteps)
 
     def convert_model_output(self, model_output, *args, sample=None, **kwargs):
         """eps as DEIS integrates it: (x - alpha_t x_0) / sigma_t, x_0 predicted (and thresholded if configured)."""

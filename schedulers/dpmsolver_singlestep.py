@@ -8,8 +8,8 @@ final_sigmas_type zero / sigma_min; karras, exponential and beta sigmas; flow-ma
 lambda_min_clipped; variance_type learned / learned_range; dynamic thresholding; custom
 ``timesteps``; ``step(model_output, timestep, sample, generator, return_dict)``.
 
-The DPM-Solver coefficient table and the shared log-SNR machinery come from
-``dpmsolver_multistep``; only the choice of differences and anchor points is singlestep-specific.
+The DPM-Solver coefficient table comes from ``dpm_solver`` and the shared log-SNR machinery from
+``log_snr``; only the choice of differences and anchor points is singlestep-specific.
 
 Limitations: as diffusers, no timestep_spacing (linspace only) and no zero-SNR rescaling. The
 sample is kept in the dtype diffusers keeps it in (no float32 upcast); float16 inputs are computed in
@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import SchedulerOutput, UnsupportedOptionError, check_option, compute_dtype, logger, register_to_config
-from .dpmsolver_multistep import (
-    SOLVER_PREDICTION_TYPES,
-    LogSNRSolverMixin,
-    _sample_argument,
-    check_algorithm,
-    dpm_coefficients,
-    dpm_update,
-)
+from .base import SchedulerOutput, logger, register_to_config
+from .dpm_solver import check_algorithm, dpm_coefficients, dpm_update
+from .log_snr import SOLVER_PREDICTION_TYPES, LogSNRSolverMixin, _sample_argument
 from .noise import randn_tensor
-from .schedule import chosen_sigma_schedule, flow_sigmas, interp_sigmas, sigma_to_t, solver_timesteps
+from .numerics import compute_dtype
+from .options import UnsupportedOptionError, check_option
+from .schedule import chosen_sigma_schedule, final_sigma, solver_timesteps
 
 SINGLESTEP_ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver++")
 
@@ -114,9 +110,7 @@ class DPMSolverSinglestepScheduler(LogSNRSolverMixin):
         """Compute ``timesteps`` (int64), ``sigmas`` (float32, final sigma appended) and ``order_list``."""
         cfg = self.config
         if mu is not None:
-            if not (cfg.use_dynamic_shifting and cfg.time_shift_type == "exponential"):
-                raise ValueError("set_timesteps: `mu` needs use_dynamic_shifting=True")
-            self.register_to_config(flow_shift=float(np.exp(mu)))
+            self._apply_mu(mu)
             cfg = self.config
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("set_timesteps: give exactly one of `num_inference_steps` or `timesteps`")
@@ -125,7 +119,6 @@ class DPMSolverSinglestepScheduler(LogSNRSolverMixin):
                 if cfg[option]:
                     raise ValueError(f"set_timesteps: custom `timesteps` cannot be used with {option}=True")
         num_inference_steps = num_inference_steps or len(timesteps)
-        self.num_inference_steps = num_inference_steps
 
         if timesteps is not None:
             timesteps = np.array(timesteps).astype(np.int64)
@@ -135,33 +128,10 @@ class DPMSolverSinglestepScheduler(LogSNRSolverMixin):
                 num_inference_steps, cfg.num_train_timesteps, "linspace",
                 last_timestep=cfg.num_train_timesteps - clipped_idx, owner=type(self).__name__,
             )
-
-        sigmas = self._train_sigmas()
-        log_sigmas = np.log(sigmas)
-        if cfg.use_karras_sigmas:
-            sigmas = self._convert_to_karras(np.flip(sigmas), num_inference_steps)
-            timesteps = sigma_to_t(sigmas, log_sigmas).round()
-        elif cfg.use_exponential_sigmas:
-            sigmas = self._convert_to_exponential(np.flip(sigmas), num_inference_steps)
-            timesteps = sigma_to_t(sigmas, log_sigmas)
-        elif cfg.use_beta_sigmas:
-            sigmas = self._convert_to_beta(np.flip(sigmas), num_inference_steps)
-            timesteps = sigma_to_t(sigmas, log_sigmas)
-        elif cfg.use_flow_sigmas:
-            sigmas = flow_sigmas(num_inference_steps, cfg.num_train_timesteps, cfg.flow_shift)
-            timesteps = sigmas * cfg.num_train_timesteps
-        else:
-            sigmas = interp_sigmas(timesteps, sigmas)
-
-        if cfg.final_sigmas_type == "sigma_min":
-            ac0 = self.alphas_cumprod[0]
-            sigma_last = np.sqrt((1 - ac0) / ac0)
-        else:
-            sigma_last = 0
-        self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
-        self.timesteps = np.asarray(timesteps).astype(np.int64)
-        self.model_outputs = [None] * cfg.solver_order
-        self.sample = None
+        sigmas, timesteps, _ = self._solver_sigmas(timesteps, num_inference_steps)
+        sigma_last = final_sigma(cfg.final_sigmas_type, self.alphas_cumprod)
+        self._set_schedule(np.concatenate([sigmas, [sigma_last]]), timesteps)
+        self.num_inference_steps = num_inference_steps
 
         if not cfg.lower_order_final and num_inference_steps % cfg.solver_order != 0:
             logger.warning(
@@ -176,8 +146,10 @@ class DPMSolverSinglestepScheduler(LogSNRSolverMixin):
             )
             self.register_to_config(lower_order_final=True)
         self.order_list = self.get_order_list(num_inference_steps)
-        self._step_index = None
-        self._begin_index = None
+
+    def _reset_history(self) -> None:
+        self.model_outputs = [None] * self.config.solver_order
+        self.sample = None
 
     def convert_model_output(self, model_output, *args, sample=None, **kwargs):
         """The model output as the solver uses it: x_0 (dpmsolver++, sde-dpmsolver++) or eps (dpmsolver)."""
@@ -190,9 +162,6 @@ class DPMSolverSinglestepScheduler(LogSNRSolverMixin):
                 "(diffusers fails here too); use algorithm_type='dpmsolver++'"
             )
         return self._noise_prediction(model_output, sample)
-
-    def _lambdas(self, *offsets):
-        return [self._coefficients(self._step_index + k) for k in offsets]
 
     def dpm_solver_first_order_update(self, model_output, *args, sample=None, noise=None, **kwargs):
         """One first-order step from sigmas[i] to sigmas[i+1]."""

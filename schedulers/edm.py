@@ -34,24 +34,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import SchedulerMixin, SchedulerOutput, UnsupportedOptionError, check_option, logger, register_to_config
-from .euler import refuse_integer_timestep, upcast
+from .base import SchedulerOutput, register_to_config
+from .k_diffusion import SigmaNoiseMixin, churn, euler_step, to_d, working_arrays
 from .noise import randn_tensor
-from .schedule import (
-    exp_f32,
-    exponential_sigmas_f32,
-    karras_sigmas_from_ramp,
-    linear_combination,
-    linspace_f32,
-    linspace_f64,
-    log_f32,
-    threshold_sample,
-)
+from .numerics import exp_f32, linear_combination, linspace_f32, linspace_f64, log_f32, upcast
+from .options import UnsupportedOptionError, check_option
+from .schedule import exponential_sigmas_f32, karras_sigmas_from_ramp, threshold_sample
 
 EDMEulerSchedulerOutput = SchedulerOutput
 
 
-class _EDMBase(SchedulerMixin):
+class _EDMBase(SigmaNoiseMixin):
     """EDM's sigma schedules and preconditioning, shared by the two EDM schedulers."""
 
     _compatibles: list = []
@@ -124,13 +117,6 @@ class _EDMBase(SchedulerMixin):
         self.is_scale_input_called = True
         return self.precondition_inputs(sample, self.sigmas[self._step_index])
 
-    def add_noise(self, original_samples, noise, timesteps):
-        """x = x_0 + noise * sigma, with sigma picked by step index as diffusers does."""
-        original_samples = np.asarray(original_samples)
-        sigmas = self.sigmas.astype(original_samples.dtype)
-        sigma = sigmas[self._step_indices_for(timesteps)].reshape((-1,) + (1,) * (original_samples.ndim - 1))
-        return original_samples + np.asarray(noise) * sigma
-
 
 class EDMEulerScheduler(_EDMBase):
     """Euler steps of dx/dsigma = (x - D(x; sigma)) / sigma with EDM preconditioning, optionally with churn."""
@@ -193,34 +179,18 @@ class EDMEulerScheduler(_EDMBase):
         **kwargs,
     ):
         """One Euler step from sigmas[i] to sigmas[i+1]; extra keyword arguments (eta…) are ignored."""
-        refuse_integer_timestep(timestep, type(self).__name__)
-        if not self.is_scale_input_called:
-            logger.warning("call scale_model_input before step so that the model input is scaled correctly")
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._begin_step(timestep, refuse_integer=True, warn_unscaled=True)
 
-        model_output = np.asarray(model_output)
-        out_dtype = model_output.dtype
-        output = upcast(model_output)
-        sample = np.asarray(sample).astype(np.float64 if output.dtype == np.float64 else np.float32)
+        output, sample, out_dtype = working_arrays(model_output, sample)
 
-        sigma = self.sigmas[self._step_index]
-        # churn: gamma = min(s_churn / N, sqrt(2) - 1) inside [s_tmin, s_tmax]; sigma_hat = sigma (gamma + 1)
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = np.float32(sigma * np.float32(gamma + 1))
-        if gamma > 0:
-            noise = randn_tensor(model_output.shape, generator=generator, dtype=model_output.dtype)
-            eps = upcast(noise) * np.float32(s_noise)
-            # x_hat = x + sqrt(sigma_hat^2 - sigma^2) * s_noise * noise
-            sample = sample + eps * np.sqrt(sigma_hat * sigma_hat - sigma * sigma)
-
+        i = self._step_index
+        sample, sigma_hat = churn(sample, self.sigmas, i, s_churn, s_tmin, s_tmax, s_noise, generator, model_output)
         if pred_original_sample is None:
             pred_original_sample = self.precondition_outputs(sample, output, sigma_hat)
 
-        # d = (x - D) / sigma_hat;  x_next = x + d * (sigma_next - sigma_hat)
-        derivative = (sample - pred_original_sample) / sigma_hat
-        dt = self.sigmas[self._step_index + 1] - sigma_hat
-        prev_sample = (sample + derivative * dt).astype(out_dtype, copy=False)
+        # x_next = x + (x - D) / sigma_hat * (sigma_next - sigma_hat)
+        derivative = to_d(sample, sigma_hat, pred_original_sample)
+        prev_sample = euler_step(sample, derivative, self.sigmas[i + 1] - sigma_hat).astype(out_dtype, copy=False)
 
         self._step_index += 1
         if not return_dict:
@@ -397,8 +367,7 @@ class EDMDPMSolverMultistepScheduler(_EDMBase):
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
         """One multistep DPM-Solver++ step; extra keyword arguments (eta…) are ignored."""
-        if self.num_inference_steps is None:
-            raise ValueError(f"{type(self).__name__}: call set_timesteps before step")
+        self._check_ready()
         if self._step_index is None:
             self._init_step_index(timestep)
         cfg = self.config
@@ -409,11 +378,8 @@ class EDMDPMSolverMultistepScheduler(_EDMBase):
         )
         lower_order_second = self._step_index == n - 2 and cfg.lower_order_final and n < 15
 
-        model_output = np.asarray(model_output)
-        out_dtype = model_output.dtype
-        work = np.float64 if model_output.dtype == np.float64 else np.float32
-        sample = np.asarray(sample).astype(work)
-        model_output = self.convert_model_output(upcast(model_output), sample=sample)
+        output, sample, out_dtype = working_arrays(model_output, sample)
+        model_output = self.convert_model_output(output, sample=sample)
         self.model_outputs = self.model_outputs[1:] + [model_output]
 
         noise = None

@@ -18,49 +18,34 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import (
-    KARRAS_COMPATIBLES,
-    SchedulerOutput,
+from .base import KARRAS_COMPATIBLES, SchedulerOutput, register_to_config
+from .k_diffusion import (
     SigmaSchedulerMixin,
-    check_option,
-    logger,
-    register_to_config,
+    churn,
+    euler_step,
+    refuse_integer_timestep,
+    to_d,
+    to_denoised,
+    working_arrays,
 )
-from .noise import randn_tensor
+from .numerics import linspace_f32
+from .options import check_option
 from .schedule import (
-    chosen_sigma_schedule,
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
-    beta_sigmas,
-    exponential_sigmas,
+    chosen_sigma_schedule,
+    configured_sigma_schedule,
+    converted_sigmas,
+    final_sigma,
     interp_sigmas,
-    karras_sigmas,
-    linspace_f32,
-    sigma_range,
     sigma_to_t,
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
     training_schedule,
-    velocity_vp,
 )
+from .vp import velocity_vp
 
 EulerDiscreteSchedulerOutput = SchedulerOutput
-
-
-def refuse_integer_timestep(timestep, owner: str) -> None:
-    """Sigma schedulers take a value of ``timesteps``, not a loop index (diffusers raises the same)."""
-    if isinstance(timestep, (int, np.integer)) or (
-        isinstance(timestep, np.ndarray) and np.issubdtype(timestep.dtype, np.integer)
-    ):
-        raise ValueError(
-            f"{owner}.step got an integer timestep; pass one of scheduler.timesteps, "
-            "not an index from enumerate(timesteps)"
-        )
-
-
-def upcast(x: np.ndarray) -> np.ndarray:
-    """float64 stays, everything else is computed in float32."""
-    return x if x.dtype == np.float64 else x.astype(np.float32)
 
 
 def continuous_timesteps(sigmas) -> np.ndarray:
@@ -176,21 +161,12 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
                 ramp = linspace_f32(np.log(train_sigmas[-1]), np.log(train_sigmas[0]), num_inference_steps + 1)
                 sigmas = np.exp(ramp.astype(np.float64)).astype(np.float32)
 
-            bounds = sigma_range(sigmas, cfg.sigma_min, cfg.sigma_max)
-            if cfg.use_karras_sigmas:
-                sigmas = karras_sigmas(*bounds, self.num_inference_steps)
-            elif cfg.use_exponential_sigmas:
-                sigmas = exponential_sigmas(*bounds, num_inference_steps)
-            elif cfg.use_beta_sigmas:
-                sigmas = beta_sigmas(*bounds, num_inference_steps)
-            if cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas:
-                timesteps = sigma_to_t(sigmas, log_sigmas)
-
-            if cfg.final_sigmas_type == "sigma_min":
-                ac0 = self.alphas_cumprod[0]
-                sigma_last = np.sqrt((1 - ac0) / ac0)
-            else:
-                sigma_last = 0
+            schedule = configured_sigma_schedule(cfg)
+            if schedule is not None:
+                sigmas, timesteps = converted_sigmas(
+                    schedule, sigmas, num_inference_steps, log_sigmas, cfg.sigma_min, cfg.sigma_max
+                )
+            sigma_last = final_sigma(cfg.final_sigmas_type, self.alphas_cumprod)
             sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
 
         self.sigmas = sigmas.astype(np.float32)
@@ -215,41 +191,21 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         **kwargs,
     ):
         """One Euler step from sigmas[i] to sigmas[i+1]; extra keyword arguments (eta…) are ignored."""
-        refuse_integer_timestep(timestep, type(self).__name__)
-        if not self.is_scale_input_called:
-            logger.warning("call scale_model_input before step so that the model input is scaled correctly")
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._begin_step(timestep, refuse_integer=True, warn_unscaled=True)
 
-        model_output = np.asarray(model_output)
-        out_dtype = model_output.dtype
-        sample = np.asarray(sample).astype(np.float32)
-        eps = upcast(model_output)
+        # diffusers computes the step in float32
+        eps, sample, out_dtype = working_arrays(model_output, sample, np.float32)
 
-        sigma = self.sigmas[self._step_index]
-        # churn: gamma = min(s_churn / N, sqrt(2) - 1) inside [s_tmin, s_tmax]; sigma_hat = sigma (gamma + 1)
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            noise = randn_tensor(model_output.shape, generator=generator, dtype=model_output.dtype)
-            # x_hat = x + sqrt(sigma_hat^2 - sigma^2) * s_noise * noise
-            sample = sample + upcast(noise * s_noise) * np.sqrt(sigma_hat * sigma_hat - sigma * sigma)
-
-        # denoised D(x; sigma)
+        i = self._step_index
+        sample, sigma_hat = churn(sample, self.sigmas, i, s_churn, s_tmin, s_tmax, s_noise, generator, model_output)
+        # D(x; sigma): epsilon at the churned sigma_hat, v (as in diffusers) at sigma
         prediction_type = self.config.prediction_type
-        if prediction_type in ("original_sample", "sample"):
-            pred_original_sample = eps
-        elif prediction_type == "epsilon":
-            pred_original_sample = sample - sigma_hat * eps
-        else:
-            # v: D = -sigma / sqrt(sigma^2 + 1) * v + x / (sigma^2 + 1)
-            c = sigma * sigma + 1
-            pred_original_sample = eps * (-sigma / np.sqrt(c)) + (sample / c)
+        sigma_input = sigma_hat if prediction_type == "epsilon" else self.sigmas[i]
+        pred_original_sample = to_denoised(prediction_type, eps, sample, sigma_input)
 
-        # d = (x - D) / sigma_hat;  x_next = x + d * (sigma_next - sigma_hat)
-        derivative = (sample - pred_original_sample) / sigma_hat
-        dt = self.sigmas[self._step_index + 1] - sigma_hat
-        prev_sample = (sample + derivative * dt).astype(out_dtype, copy=False)
+        # x_next = x + (x - D) / sigma_hat * (sigma_next - sigma_hat)
+        derivative = to_d(sample, sigma_hat, pred_original_sample)
+        prev_sample = euler_step(sample, derivative, self.sigmas[i + 1] - sigma_hat).astype(out_dtype, copy=False)
 
         self._step_index += 1
         if not return_dict:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import KARRAS_COMPATIBLES, SchedulerOutput, SigmaSchedulerMixin, check_option, logger, register_to_config
-from .euler import refuse_integer_timestep, upcast
-from .noise import randn_tensor
+from .base import KARRAS_COMPATIBLES, SchedulerOutput, register_to_config
+from .k_diffusion import SigmaSchedulerMixin, add_ancestral_noise, euler_step, to_d, to_denoised, working_arrays
+from .options import check_option
 from .schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
@@ -89,38 +89,19 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
         """One ancestral step; extra keyword arguments (eta…) are ignored."""
-        refuse_integer_timestep(timestep, type(self).__name__)
-        if not self.is_scale_input_called:
-            logger.warning("call scale_model_input before step so that the model input is scaled correctly")
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._begin_step(timestep, refuse_integer=True, warn_unscaled=True)
 
-        model_output = np.asarray(model_output)
-        out_dtype = model_output.dtype
-        sample = np.asarray(sample).astype(np.float32)
-        eps = upcast(model_output)
-        sigma = self.sigmas[self._step_index]
+        # diffusers computes the step in float32
+        eps, sample, out_dtype = working_arrays(model_output, sample, np.float32)
+        sigma, sigma_to = self.sigmas[self._step_index], self.sigmas[self._step_index + 1]
 
-        # denoised x_0
-        if self.config.prediction_type == "epsilon":
-            pred_original_sample = sample - sigma * eps
-        else:
-            # v: x_0 = -sigma / sqrt(sigma^2 + 1) * v + x / (sigma^2 + 1)
-            c = sigma * sigma + 1
-            pred_original_sample = eps * (-sigma / np.sqrt(c)) + (sample / c)
-
-        sigma_from = sigma
-        sigma_to = self.sigmas[self._step_index + 1]
-        # sigma_up = sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2);
+        pred_original_sample = to_denoised(self.config.prediction_type, eps, sample, sigma)
+        # sigma_up = sqrt(sigma_to^2 (sigma^2 - sigma_to^2) / sigma^2);
         # sigma_down = sqrt(sigma_to^2 - sigma_up^2), evaluated without its cancellation (see ancestral_sigmas)
-        sigma_up, sigma_down = ancestral_sigmas(sigma_from, sigma_to)
-
+        sigma_up, sigma_down = ancestral_sigmas(sigma, sigma_to)
         # Euler step to sigma_down, then fresh noise of std sigma_up
-        derivative = (sample - pred_original_sample) / sigma
-        dt = sigma_down - sigma
-        prev_sample = sample + derivative * dt
-        noise = randn_tensor(model_output.shape, generator=generator, dtype=model_output.dtype)
-        prev_sample = (prev_sample + upcast(noise) * sigma_up).astype(out_dtype, copy=False)
+        prev_sample = euler_step(sample, to_d(sample, sigma, pred_original_sample), sigma_down - sigma)
+        prev_sample = add_ancestral_noise(prev_sample, sigma_up, generator, model_output).astype(out_dtype, copy=False)
 
         self._step_index += 1
         if not return_dict:

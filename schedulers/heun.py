@@ -23,15 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import (
-    KARRAS_COMPATIBLES,
-    SchedulerOutput,
-    SigmaSchedulerMixin,
-    UnsupportedOptionError,
-    check_option,
-    register_to_config,
-)
-from .euler import upcast
+from .base import KARRAS_COMPATIBLES, SchedulerOutput, register_to_config
+from .k_diffusion import SigmaSchedulerMixin, euler_step, repeat_inner, to_d, to_denoised, working_arrays
+from .options import UnsupportedOptionError, check_option
 from .schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
@@ -43,31 +37,6 @@ from .schedule import (
 )
 
 HeunDiscreteSchedulerOutput = SchedulerOutput
-
-
-def repeat_inner(values: np.ndarray, head: int = 1, tail: int = 0) -> np.ndarray:
-    """``values`` with every element twice except the first ``head`` and the last ``tail`` (kept once).
-
-    The layout of the two-call-per-step schedulers: [v0, v1, v1, v2, v2, ..., v_last].
-    """
-    values = np.asarray(values)
-    end = len(values) - tail
-    return np.concatenate([values[:head], np.repeat(values[head:end], 2), values[end:]])
-
-
-def x0_from_sigma_prediction(prediction_type: str, model_output, sample, sigma):
-    """The denoised sample D(x; sigma) of a k-diffusion sigma scheduler.
-
-    epsilon:      D = x - sigma * eps
-    v_prediction: D = -sigma / sqrt(sigma^2 + 1) * v + x / (sigma^2 + 1)
-    sample:       D = model_output
-    """
-    if prediction_type == "epsilon":
-        return sample - sigma * model_output
-    if prediction_type == "v_prediction":
-        c = sigma * sigma + np.float32(1)
-        return model_output * (-sigma / np.sqrt(c)) + (sample / c)
-    return model_output
 
 
 class HeunDiscreteScheduler(SigmaSchedulerMixin):
@@ -167,13 +136,8 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin):
 
     def step(self, model_output, timestep, sample, return_dict: bool = True, generator=None, **kwargs):
         """One half of a Heun step; extra keyword arguments (eta, generator…) are ignored."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-
-        model_output = np.asarray(model_output)
-        out_dtype = model_output.dtype
-        output = upcast(model_output)
-        sample = np.asarray(sample).astype(output.dtype)
+        self._begin_step(timestep)
+        output, sample, out_dtype = working_arrays(model_output, sample)
         first = self.state_in_first_order
         if first:
             sigma, sigma_next = self.sigmas[self._step_index], self.sigmas[self._step_index + 1]
@@ -182,23 +146,22 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin):
 
         # the predictor denoises at sigma, the corrector at sigma_next
         sigma_input = sigma if first else sigma_next
-        pred_original_sample = x0_from_sigma_prediction(self.config.prediction_type, output, sample, sigma_input)
+        pred_original_sample = to_denoised(self.config.prediction_type, output, sample, sigma_input)
         if self.config.clip_sample:
             limit = self.config.clip_sample_range
             pred_original_sample = np.clip(pred_original_sample, -limit, limit)
 
         if first:
-            # d = (x - D) / sigma;  x_next = x + d * (sigma_next - sigma)
-            derivative = (sample - pred_original_sample) / sigma
+            # x_next = x + d * (sigma_next - sigma), d = (x - D) / sigma
+            derivative = to_d(sample, sigma, pred_original_sample)
             dt = sigma_next - sigma
             self.prev_derivative, self.dt, self.sample = derivative, dt, sample
         else:
-            # d' = (x_pred - D') / sigma_next;  x_next = x + (d + d') / 2 * dt, from the predictor's x
-            derivative = (sample - pred_original_sample) / sigma_next
-            derivative = (self.prev_derivative + derivative) / 2
+            # x_next = x + (d + d') / 2 * dt from the predictor's x, d' = (x_pred - D') / sigma_next
+            derivative = (self.prev_derivative + to_d(sample, sigma_next, pred_original_sample)) / 2
             dt, sample = self.dt, self.sample
             self.prev_derivative = self.dt = self.sample = None
-        prev_sample = (sample + derivative * dt).astype(out_dtype, copy=False)
+        prev_sample = euler_step(sample, derivative, dt).astype(out_dtype, copy=False)
 
         self._step_index += 1
         if not return_dict:

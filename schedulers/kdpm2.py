@@ -32,10 +32,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import KARRAS_COMPATIBLES, SchedulerOutput, SigmaSchedulerMixin, check_option, register_to_config
-from .euler import upcast
-from .heun import repeat_inner, x0_from_sigma_prediction
-from .noise import randn_tensor
+from .base import KARRAS_COMPATIBLES, SchedulerOutput, register_to_config
+from .k_diffusion import (
+    SigmaSchedulerMixin,
+    add_ancestral_noise,
+    euler_step,
+    repeat_inner,
+    to_d,
+    to_denoised,
+    working_arrays,
+)
+from .options import check_option
 from .schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
@@ -105,9 +112,8 @@ class _KDPM2Base(SigmaSchedulerMixin):
             sigma_min=cfg.get("sigma_min"),
             sigma_max=cfg.get("sigma_max"),
             owner=name,
+            round_karras=True,  # diffusers rounds karras timesteps here (of the discrete schedulers, only here)
         )
-        if schedule == "karras":
-            timesteps = timesteps.round()  # diffusers rounds karras timesteps here (only here)
         self.log_sigmas = log_sigmas
         return timesteps, np.concatenate([sigmas, [0.0]]).astype(np.float32), log_sigmas
 
@@ -117,7 +123,7 @@ class _KDPM2Base(SigmaSchedulerMixin):
         return self.sample is None
 
     def _denoised(self, output, sample, sigma_input):
-        return x0_from_sigma_prediction(self.config.prediction_type, output, sample, sigma_input)
+        return to_denoised(self.config.prediction_type, output, sample, sigma_input)
 
 
 class KDPM2DiscreteScheduler(_KDPM2Base):
@@ -156,24 +162,14 @@ class KDPM2DiscreteScheduler(_KDPM2Base):
         self._step_index = None
         self._begin_index = None
 
-    def scale_model_input(self, sample, timestep=None):
-        """sample / sqrt(sigma^2 + 1), with the midpoint sigma in the corrector half."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        sigma = (self.sigmas if self.state_in_first_order else self.sigmas_interpol)[self._step_index]
-        self.is_scale_input_called = True
-        sample = np.asarray(sample)
-        return (sample / np.sqrt(sigma * sigma + np.float32(1))).astype(sample.dtype, copy=False)
+    def _input_sigma(self):
+        # scale_model_input: the midpoint sigma in the corrector half
+        return (self.sigmas if self.state_in_first_order else self.sigmas_interpol)[self._step_index]
 
     def step(self, model_output, timestep, sample, return_dict: bool = True, generator=None, **kwargs):
         """One half of a DPM-Solver-2 step; extra keyword arguments (eta, generator…) are ignored."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-
-        model_output = np.asarray(model_output)
-        out_dtype = model_output.dtype
-        output = upcast(model_output)
-        sample = np.asarray(sample).astype(output.dtype)
+        self._begin_step(timestep)
+        output, sample, out_dtype = working_arrays(model_output, sample)
         i = self._step_index
         first = self.state_in_first_order
         if first:
@@ -183,17 +179,15 @@ class KDPM2DiscreteScheduler(_KDPM2Base):
 
         pred_original_sample = self._denoised(output, sample, sigma if first else sigma_interpol)
         if first:
-            # predictor: d = (x - D) / sigma;  x_mid = x + d * (sigma_mid - sigma)
-            derivative = (sample - pred_original_sample) / sigma
-            dt = sigma_interpol - sigma
+            # predictor: x_mid = x + (x - D) / sigma * (sigma_mid - sigma)
+            derivative, dt = to_d(sample, sigma, pred_original_sample), sigma_interpol - sigma
             self.sample = sample
         else:
-            # corrector: d_mid = (x_mid - D_mid) / sigma_mid;  x_next = x + d_mid * (sigma_next - sigma)
-            derivative = (sample - pred_original_sample) / sigma_interpol
-            dt = sigma_next - sigma
+            # corrector: x_next = x + (x_mid - D_mid) / sigma_mid * (sigma_next - sigma)
+            derivative, dt = to_d(sample, sigma_interpol, pred_original_sample), sigma_next - sigma
             sample, self.sample = self.sample, None
         self._step_index += 1
-        prev_sample = (sample + derivative * dt).astype(out_dtype, copy=False)
+        prev_sample = euler_step(sample, derivative, dt).astype(out_dtype, copy=False)
 
         if not return_dict:
             return (prev_sample, pred_original_sample)
@@ -247,27 +241,16 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Base):
         self._step_index = None
         self._begin_index = None
 
-    def scale_model_input(self, sample, timestep=None):
-        """sample / sqrt(sigma^2 + 1), with the midpoint sigma in the corrector half."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+    def _input_sigma(self):
+        # scale_model_input: the midpoint sigma in the corrector half
         if self.state_in_first_order:
-            sigma = self.sigmas[self._step_index]
-        else:
-            sigma = self.sigmas_interpol[self._step_index - 1]
-        self.is_scale_input_called = True
-        sample = np.asarray(sample)
-        return (sample / np.sqrt(sigma * sigma + np.float32(1))).astype(sample.dtype, copy=False)
+            return self.sigmas[self._step_index]
+        return self.sigmas_interpol[self._step_index - 1]
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
         """One half of an ancestral DPM-Solver-2 step (noise drawn in the corrector half); eta… are ignored."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-
-        model_output = np.asarray(model_output)
-        out_dtype = model_output.dtype
-        output = upcast(model_output)
-        sample = np.asarray(sample).astype(output.dtype)
+        self._begin_step(timestep)
+        output, sample, out_dtype = working_arrays(model_output, sample)
         i = self._step_index
         first = self.state_in_first_order
         if first:
@@ -280,18 +263,15 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Base):
         pred_original_sample = self._denoised(output, sample, sigma if first else sigma_interpol)
         if first:
             # predictor: x_mid = x + (x - D) / sigma * (sigma_mid - sigma)
-            derivative = (sample - pred_original_sample) / sigma
             self.sample = sample
             self.dt = sigma_interpol - sigma
-            prev_sample = sample + derivative * self.dt
+            prev_sample = euler_step(sample, to_d(sample, sigma, pred_original_sample), self.dt)
         else:
             # corrector: x_next = x + (x_mid - D_mid) / sigma_mid * (sigma_down - sigma) + sigma_up * noise
-            derivative = (sample - pred_original_sample) / sigma_interpol
-            dt = sigma_down - sigma
+            derivative = to_d(sample, sigma_interpol, pred_original_sample)
             sample, self.sample = self.sample, None
-            prev_sample = sample + derivative * dt
-            noise = randn_tensor(model_output.shape, generator=generator, dtype=model_output.dtype)
-            prev_sample = prev_sample + upcast(noise) * sigma_up
+            prev_sample = euler_step(sample, derivative, sigma_down - sigma)
+            prev_sample = add_ancestral_noise(prev_sample, sigma_up, generator, np.asarray(model_output))
         prev_sample = prev_sample.astype(out_dtype, copy=False)
 
         self._step_index += 1

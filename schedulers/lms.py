@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import KARRAS_COMPATIBLES, SchedulerOutput, SigmaSchedulerMixin, check_option, logger, register_to_config
-from .euler import upcast
+from .base import KARRAS_COMPATIBLES, SchedulerOutput, register_to_config
+from .k_diffusion import SigmaSchedulerMixin, to_d, to_denoised, working_arrays
+from .numerics import linear_combination
+from .options import check_option
 from .schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
     chosen_sigma_schedule,
     discrete_sigma_schedule,
-    linear_combination,
     training_schedule,
 )
 
@@ -135,30 +136,13 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         **kwargs,
     ):
         """One LMS step of order min(step + 1, ``order``); extra keyword arguments (eta, generator…) are ignored."""
-        if not self.is_scale_input_called:
-            logger.warning("call scale_model_input before step so that the model input is scaled correctly")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-
-        model_output = np.asarray(model_output)
-        out_dtype = model_output.dtype
-        output = upcast(model_output)
-        sample = np.asarray(sample).astype(output.dtype)
+        self._begin_step(timestep, warn_unscaled=True)
+        output, sample, out_dtype = working_arrays(model_output, sample)
         sigma = self.sigmas[self._step_index]
 
-        # denoised D(x; sigma)
-        prediction_type = self.config.prediction_type
-        if prediction_type == "epsilon":
-            pred_original_sample = sample - sigma * output
-        elif prediction_type == "v_prediction":
-            # D = -sigma / sqrt(sigma^2 + 1) * v + x / (sigma^2 + 1)
-            c = sigma * sigma + np.float32(1)
-            pred_original_sample = output * (-sigma / np.sqrt(c)) + (sample / c)
-        else:
-            pred_original_sample = output
-
-        # d_i = (x_i - D) / sigma_i, the last `order` of them kept
-        derivative = (sample - pred_original_sample) / sigma
+        # d_i = (x_i - D(x_i; sigma_i)) / sigma_i, the last `order` of them kept
+        pred_original_sample = to_denoised(self.config.prediction_type, output, sample, sigma)
+        derivative = to_d(sample, sigma, pred_original_sample)
         self.derivatives.append(derivative)
         if len(self.derivatives) > order:
             self.derivatives.pop(0)

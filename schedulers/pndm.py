@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import KARRAS_COMPATIBLES, SchedulerMixin, SchedulerOutput, check_option, compute_dtype, register_to_config
-from .schedule import (
-    BETA_SCHEDULES,
-    TIMESTEP_SPACINGS,
-    add_noise_vp,
-    int_timestep,
-    spaced_timesteps,
-    training_schedule,
-)
+from .base import KARRAS_COMPATIBLES, SchedulerOutput, register_to_config
+from .numerics import compute_dtype
+from .options import check_option
+from .schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, int_timestep, spaced_timesteps, training_schedule
+from .vp import VPNoiseMixin
 
 # Adams-Bashforth coefficients of the linear multistep update, newest model output first,
 # by the number of outputs in the history: e' = sum(c_i * e_i) / d.
@@ -33,7 +29,7 @@ PLMS_COEFFICIENTS = {
 }
 
 
-class PNDMScheduler(SchedulerMixin):
+class PNDMScheduler(VPNoiseMixin):
     """Pseudo numerical methods: Runge-Kutta warm-up then 4th-order linear multistep on the DDIM transfer."""
 
     _compatibles = KARRAS_COMPATIBLES
@@ -122,8 +118,7 @@ class PNDMScheduler(SchedulerMixin):
         return self.step_plms(model_output=model_output, timestep=timestep, sample=sample, return_dict=return_dict)
 
     def _prepare(self, model_output, sample):
-        if self.num_inference_steps is None:
-            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+        self._check_ready()
         model_output, sample = np.asarray(model_output), np.asarray(sample)
         work = compute_dtype(model_output, sample)
         return model_output.astype(work, copy=False), sample.astype(work, copy=False), sample.dtype
@@ -200,7 +195,7 @@ class PNDMScheduler(SchedulerMixin):
         # Transfer part of PNDM, eq. (9) of the paper:
         # x_{t-d} = sqrt(a_{t-d}/a_t) x_t - (a_{t-d} - a_t) e / (a_t sqrt(1 - a_{t-d}) + sqrt(a_t (1 - a_t) a_{t-d}))
         alpha_prod_t = self.alphas_cumprod[timestep]
-        alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        alpha_prod_t_prev = self._alpha_prev(prev_timestep)
         beta_prod_t = 1 - alpha_prod_t
         beta_prod_t_prev = 1 - alpha_prod_t_prev
 
@@ -213,10 +208,6 @@ class PNDMScheduler(SchedulerMixin):
             alpha_prod_t * beta_prod_t * alpha_prod_t_prev
         )
         return sample_coeff * sample - (alpha_prod_t_prev - alpha_prod_t) * model_output / model_output_denom_coeff
-
-    def add_noise(self, original_samples, noise, timesteps):
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise."""
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
 
 
 def _combine(coefficients, values):

@@ -4,11 +4,14 @@ Every function reproduces the arithmetic of diffusers 0.42 (which computes these
 torch in float32, or with numpy in float64 where it drops to numpy), so that schedules agree
 to the last bit or within one float32 rounding:
 
-* ``linspace_f32`` evaluates points the way torch.linspace does in float32 (from both ends, one
-  rounding per point), and ``cumprod_f32`` accumulates in float64 as torch's CPU cumprod does.
+* betas and alphas from the config (``training_schedule``), with torch's float32 linspace and cumprod
+  (``numerics.linspace_f32``, ``numerics.cumprod_f32``);
+* timestep spacings (``spaced_timesteps``, ``solver_timesteps``);
 * sigma schedules (karras, exponential, beta, lu) and ``sigma_to_t`` work in float64 like diffusers;
-  callers cast to float32 where diffusers does.
-* ``beta_ppf`` replaces ``scipy.stats.beta.ppf`` (scipy is not a dependency), to ~1e-15.
+  callers cast to float32 where diffusers does. Which schedule a config asks for and the sigmas and
+  timesteps it gives are chosen in one place: ``configured_sigma_schedule`` and ``converted_sigmas``
+  (``discrete_sigma_schedule`` for the k-diffusion discrete schedulers); ``final_sigma`` is the sigma
+  appended after the last step. ``beta_distribution.beta_ppf`` replaces ``scipy.stats.beta.ppf``.
 * the exception: ``ancestral_sigmas`` evaluates the ancestral step's sigmas without the cancellation of
   diffusers' formula, so they are within an ulp of the exact values where diffusers' float32 ones carry
   (sigma / sigma_next)^2 ulps of rounding noise.
@@ -22,35 +25,13 @@ import math
 
 import numpy as np
 
-from .base import UnsupportedOptionError, broadcast_to_ndim, check_option
+from .beta_distribution import beta_ppf
+from .numerics import cumprod_f32, linspace_f32
+from .options import UnsupportedOptionError, check_option
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-
-
-# ---------------------------------------------------------------------------- float32 primitives
-def linspace_f32(start, end, num: int) -> np.ndarray:
-    """``num`` float32 points from ``start`` to ``end``, rounded as torch.linspace(dtype=float32) rounds them.
-
-    torch computes step = (end - start) / (num - 1) in float32, then point i as start + step * i in
-    the first half and end - step * (num - 1 - i) in the second, each with one rounding (fused
-    multiply-add). The float64 evaluation below rounds once in the same way.
-    """
-    num = int(num)
-    start32, end32 = np.float32(start), np.float32(end)
-    if num <= 1:
-        return np.full(max(num, 0), start32, dtype=np.float32)
-    step = np.float32((end32 - start32) / np.float32(num - 1))
-    i = np.arange(num)
-    from_start = np.float64(start32) + np.float64(step) * i
-    from_end = np.float64(end32) - np.float64(step) * (num - 1 - i)
-    return np.where(i < num // 2, from_start, from_end).astype(np.float32)
-
-
-def cumprod_f32(values) -> np.ndarray:
-    """Cumulative product of a float32 array, accumulated in float64 like torch.cumprod on the CPU."""
-    return np.cumprod(np.asarray(values, dtype=np.float64)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------- betas and alphas
@@ -272,113 +253,6 @@ def sigma_to_alpha_sigma_t(sigma, flow: bool = False):
     return alpha_t, sigma * alpha_t
 
 
-# ---------------------------------------------------------------------------- Beta distribution quantile
-def _betacf(a: float, b: float, x: float) -> float:
-    # Continued fraction of the incomplete beta function (modified Lentz).
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 1000):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-16:
-            break
-    return h
-
-
-def _log_beta(a: float, b: float) -> float:
-    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
-
-
-def beta_cdf(x: float, a: float, b: float) -> float:
-    """Regularised incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(a * math.log(x) + b * math.log1p(-x) - _log_beta(a, b))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def beta_ppf(q: float, a: float, b: float) -> float:
-    """Quantile of the Beta(a, b) distribution: x with I_x(a, b) = q (Newton steps kept inside a bisection bracket)."""
-    q = float(q)
-    if q <= 0.0:
-        return 0.0
-    if q >= 1.0:
-        return 1.0
-    lo, hi, x = 0.0, 1.0, 0.5
-    log_b = _log_beta(a, b)
-    for _ in range(200):
-        f = beta_cdf(x, a, b) - q
-        if f == 0.0:
-            return x
-        if f < 0:
-            lo = x
-        else:
-            hi = x
-        pdf = math.exp((a - 1.0) * math.log(x) + (b - 1.0) * math.log1p(-x) - log_b)
-        x_new = x - f / pdf if pdf > 0 else 0.5 * (lo + hi)
-        if not lo < x_new < hi:
-            x_new = 0.5 * (lo + hi)
-        if abs(x_new - x) <= 4e-16 * x or hi - lo <= 4e-16 * x:
-            return x_new
-        x = x_new
-    return x
-
-
-# ---------------------------------------------------------------------------- predictions and noise (VP form)
-def vp_prediction_to_x0_eps(prediction_type, model_output, sample, alpha_prod_t, beta_prod_t):
-    """(predicted x_0, predicted epsilon) from a model output, for x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps.
-
-    epsilon:      x_0 = (x_t - sqrt(beta_prod_t) eps) / sqrt(alpha_prod_t)
-    sample:       eps = (x_t - sqrt(alpha_prod_t) x_0) / sqrt(beta_prod_t)
-    v_prediction: x_0 = sqrt(alpha_prod_t) x_t - sqrt(beta_prod_t) v;  eps = sqrt(alpha_prod_t) v + sqrt(beta_prod_t) x_t
-    """
-    sqrt_a, sqrt_b = np.sqrt(alpha_prod_t), np.sqrt(beta_prod_t)
-    if prediction_type == "epsilon":
-        return (sample - sqrt_b * model_output) / sqrt_a, model_output
-    if prediction_type == "sample":
-        return model_output, (sample - sqrt_a * model_output) / sqrt_b
-    if prediction_type == "v_prediction":
-        return sqrt_a * sample - sqrt_b * model_output, sqrt_a * model_output + sqrt_b * sample
-    check_option("scheduler", "prediction_type", prediction_type, PREDICTION_TYPES)
-
-
-def add_noise_vp(alphas_cumprod, original_samples, noise, timesteps) -> np.ndarray:
-    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise, per batch item, in the samples' dtype."""
-    original_samples = np.asarray(original_samples)
-    ac = np.asarray(alphas_cumprod).astype(original_samples.dtype)[np.asarray(timesteps, dtype=np.int64)]
-    sqrt_alpha_prod = broadcast_to_ndim(np.sqrt(ac), original_samples.ndim)
-    sqrt_one_minus_alpha_prod = broadcast_to_ndim(np.sqrt(1 - ac), original_samples.ndim)
-    return sqrt_alpha_prod * original_samples + sqrt_one_minus_alpha_prod * np.asarray(noise)
-
-
-def velocity_vp(alphas_cumprod_t, sample, noise) -> np.ndarray:
-    """v = sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x_0 for per-batch alpha_bar_t values."""
-    sample = np.asarray(sample)
-    ac = np.asarray(alphas_cumprod_t).astype(sample.dtype)
-    sqrt_alpha_prod = broadcast_to_ndim(np.sqrt(ac), sample.ndim)
-    sqrt_one_minus_alpha_prod = broadcast_to_ndim(np.sqrt(1 - ac), sample.ndim)
-    return sqrt_alpha_prod * np.asarray(noise) - sqrt_one_minus_alpha_prod * sample
-
-
 # ---------------------------------------------------------------------------- dynamic thresholding
 def _quantile_like_torch(x2d: np.ndarray, q: float) -> np.ndarray:
     # torch.quantile(linear): rank = q * (n - 1) in the input dtype, then lerp between the neighbours.
@@ -468,39 +342,6 @@ def stretch_shift_to_terminal(t, shift_terminal: float):
     return 1 - one_minus_z / scale_factor
 
 
-def log_f32(x) -> np.float32:
-    """log of a float32 scalar, rounded once to float32 (torch's float32 log is within an ulp of this)."""
-    return np.float32(np.log(np.float64(x)))
-
-
-def exp_f32(x) -> np.float32:
-    """exp of a float32 scalar, rounded once to float32."""
-    return np.float32(np.exp(np.float64(x)))
-
-
-def expm1_f32(x) -> np.float32:
-    """exp(x) - 1 of a float32 scalar without cancellation, rounded once to float32."""
-    return np.float32(np.expm1(np.float64(x)))
-
-
-def sqrt_f32(x) -> np.float32:
-    """sqrt of a float32 scalar, correctly rounded to float32."""
-    return np.float32(np.sqrt(np.float64(x)))
-
-
-def linear_combination(*terms):
-    """sum_i c_i * x_i over (c_i, x_i) pairs, accumulated left to right in the arrays' dtype.
-
-    The one place where multistep solvers combine their history: each update is a table of
-    coefficients over (sample, model outputs or their differences, noise).
-    """
-    (c, x), *rest = terms
-    total = c * x
-    for c, x in rest:
-        total = total + c * x
-    return total
-
-
 # ---------------------------------------------------------------------------- k-diffusion discrete schedules
 # Shared by LMS, Heun, KDPM2 and KDPM2 ancestral (discrete schedules) and by the EDM schedulers (ramps).
 def chosen_sigma_schedule(
@@ -516,6 +357,53 @@ def chosen_sigma_schedule(
     return chosen[0] if chosen else None
 
 
+SIGMA_SCHEDULES = ("karras", "exponential", "beta")
+
+
+def configured_sigma_schedule(config, precedence=SIGMA_SCHEDULES):
+    """The first schedule of ``precedence`` whose flag is set in ``config``, else None.
+
+    The flags are ``use_<name>_sigmas`` (``use_lu_lambdas`` for "lu"). diffusers' ``set_timesteps`` tests them
+    in this order (DPM-Solver multistep: karras, lu, exponential, beta); that at most one of the sigma flags is
+    set is checked when a scheduler is built (``chosen_sigma_schedule``).
+    """
+    flags = {name: "use_lu_lambdas" if name == "lu" else f"use_{name}_sigmas" for name in precedence}
+    return next((name for name in precedence if config.get(flags[name])), None)
+
+
+def converted_sigmas(
+    schedule, in_sigmas, num_inference_steps, log_sigmas=None, sigma_min=None, sigma_max=None, round_karras=False
+):
+    """(sigmas, timesteps) of a karras / exponential / beta / lu schedule, float64.
+
+    karras, exponential, beta: between ``sigma_range(in_sigmas, sigma_min, sigma_max)`` (``in_sigmas`` descending);
+    lu: exp of lambdas uniform between the ends of the training ``log_sigmas`` (no config bounds, as in diffusers).
+    timesteps: ``sigma_to_t(sigmas, log_sigmas)``, rounded for karras and lu with ``round_karras``; None
+    without ``log_sigmas``.
+    """
+    check_option("scheduler", "sigma schedule", schedule, SIGMA_SCHEDULES + ("lu",))
+    if schedule == "lu":
+        # uniform steps in log sigma (Lu et al.): the karras ramp with rho = 1 on log sigma
+        sigmas = np.exp(lu_lambdas(float(log_sigmas[0]), float(log_sigmas[-1]), num_inference_steps))
+    else:
+        ramp = {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}[schedule]
+        sigmas = ramp(*sigma_range(in_sigmas, sigma_min, sigma_max), num_inference_steps)
+    if log_sigmas is None:
+        return sigmas, None
+    timesteps = sigma_to_t(sigmas, log_sigmas)
+    if round_karras and schedule in ("karras", "lu"):
+        timesteps = timesteps.round()
+    return sigmas, timesteps
+
+
+def final_sigma(final_sigmas_type: str, alphas_cumprod):
+    """The sigma appended after the last step: that of alpha_bar_0 ("sigma_min", float32) or 0 ("zero")."""
+    if final_sigmas_type == "sigma_min":
+        ac0 = alphas_cumprod[0]
+        return np.sqrt((1 - ac0) / ac0)
+    return 0
+
+
 def discrete_sigma_schedule(
     alphas_cumprod,
     num_inference_steps: int,
@@ -527,13 +415,14 @@ def discrete_sigma_schedule(
     sigma_min=None,
     sigma_max=None,
     owner: str = "scheduler",
+    round_karras: bool = False,
 ):
     """Timesteps and sigmas of diffusers' k-diffusion discrete schedulers, before the final sigma is appended.
 
     t: the spaced timesteps (float32), or ``timesteps`` given by the caller;
     sigma(t): linear interpolation of the training sigmas sqrt((1 - alpha_bar) / alpha_bar) (float64);
     with ``sigma_schedule`` (karras / exponential / beta between ``sigma_min`` and ``sigma_max``, by default
-    the ends of sigma(t)): sigmas from that schedule and t = sigma_to_t(sigma) (float64, unrounded).
+    the ends of sigma(t)): ``converted_sigmas`` (t float64, rounded for karras with ``round_karras``).
     Returns (timesteps, sigmas, log_sigmas) with log_sigmas the float32 log training sigmas.
     """
     if timesteps is None:
@@ -546,15 +435,10 @@ def discrete_sigma_schedule(
     log_sigmas = np.log(train_sigmas)
     sigmas = interp_sigmas(timesteps, train_sigmas)
     if sigma_schedule is not None:
-        check_option(owner, "sigma schedule", sigma_schedule, ("karras", "exponential", "beta"))
-        bounds = sigma_range(sigmas, sigma_min, sigma_max)
-        if sigma_schedule == "karras":
-            sigmas = karras_sigmas(*bounds, num_inference_steps)
-        elif sigma_schedule == "exponential":
-            sigmas = exponential_sigmas(*bounds, num_inference_steps)
-        else:
-            sigmas = beta_sigmas(*bounds, num_inference_steps)
-        timesteps = sigma_to_t(sigmas, log_sigmas)
+        check_option(owner, "sigma schedule", sigma_schedule, SIGMA_SCHEDULES)
+        sigmas, timesteps = converted_sigmas(
+            sigma_schedule, sigmas, num_inference_steps, log_sigmas, sigma_min, sigma_max, round_karras
+        )
     return timesteps, sigmas, log_sigmas
 
 
@@ -574,28 +458,6 @@ def sigma_to_t_f32(sigma, log_sigmas) -> np.ndarray:
     w = np.clip((low - log_sigma) / (low - high), np.float32(0), np.float32(1))
     t = (np.float32(1) - w) * low_idx.astype(np.float32) + w * high_idx.astype(np.float32)
     return t.reshape(sigma.shape)
-
-
-def linspace_f64(start, end, num: int) -> np.ndarray:
-    """``num`` float64 points from ``start`` to ``end`` as torch.linspace(dtype=float64) gives them.
-
-    Point i is start + step * i in the first half and end - step * (num - 1 - i) in the second, each a
-    fused multiply-add (one rounding), with step = (end - start) / (num - 1); the exact rational
-    arithmetic below rounds once in the same way. (numpy's linspace differs in the last bit.)
-    """
-    from fractions import Fraction
-
-    num = int(num)
-    start, end = float(start), float(end)
-    if num <= 1:
-        return np.full(max(num, 0), start, dtype=np.float64)
-    step = Fraction((end - start) / (num - 1))
-    half = num // 2
-    points = [
-        float(Fraction(start) + step * i) if i < half else float(Fraction(end) - step * (num - 1 - i))
-        for i in range(num)
-    ]
-    return np.array(points, dtype=np.float64)
 
 
 def karras_sigmas_from_ramp(ramp, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:

@@ -21,16 +21,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import SchedulerOutput, compute_dtype, register_to_config
-from .lcm import (
+from .base import SchedulerOutput, register_to_config
+from .consistency import (
     ConsistencySchedulerMixin,
     check_custom_timesteps,
+    check_step_counts,
     distillation_timesteps,
-    scalar_timestep,
     subsample_schedule,
 )
 from .noise import randn_tensor
-from .schedule import vp_prediction_to_x0_eps
+from .numerics import compute_dtype
+from .schedule import int_timestep
+from .vp import vp_prediction_to_x0_eps
 
 
 @dataclass
@@ -107,21 +109,7 @@ class TCDScheduler(ConsistencySchedulerMixin):
             check_custom_timesteps(timesteps, origin, T, strength, original_steps if original_steps is not None else T)
             timesteps = np.array(timesteps, dtype=np.int64)
         else:
-            if num_inference_steps > T:
-                raise ValueError(
-                    f"num_inference_steps={num_inference_steps} cannot be larger than num_train_timesteps={T}"
-                )
-            if original_steps is not None:
-                if len(origin) // num_inference_steps < 1:
-                    raise ValueError(
-                        f"original_inference_steps x strength = {original_steps} x {strength} is smaller than "
-                        f"num_inference_steps={num_inference_steps}: reduce num_inference_steps or raise strength"
-                    )
-                if num_inference_steps > original_steps:
-                    raise ValueError(
-                        f"num_inference_steps={num_inference_steps} cannot be larger than "
-                        f"original_inference_steps={original_steps}"
-                    )
+            check_step_counts(num_inference_steps, T, origin, original_steps, strength)
             timesteps = subsample_schedule(origin, num_inference_steps)
         self._finish_timesteps(timesteps, num_inference_steps, strength)
 
@@ -140,7 +128,7 @@ class TCDScheduler(ConsistencySchedulerMixin):
         eps_in, x_t = model_output.astype(work, copy=False), sample.astype(work, copy=False)
         f32 = np.float32
 
-        t = scalar_timestep(timestep)
+        t = int_timestep(timestep)
         prev_step_index = self._step_index + 1
         prev_timestep = int(self.timesteps[prev_step_index]) if prev_step_index < len(self.timesteps) else 0
         # intermediate timestep s = floor((1 - gamma) * t_prev), in float32 as diffusers computes it

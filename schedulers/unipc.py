@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import SchedulerOutput, UnsupportedOptionError, check_option, compute_dtype, register_to_config
-from .dpmsolver_multistep import SOLVER_PREDICTION_TYPES, LogSNRSolverMixin, _sample_argument
+from .base import SchedulerOutput, register_to_config
+from .log_snr import SOLVER_PREDICTION_TYPES, LogSNRSolverMixin, _sample_argument
+from .numerics import compute_dtype, expm1_f32, linear_combination
+from .options import UnsupportedOptionError, check_option
 from .schedule import (
     TIMESTEP_SPACINGS,
     chosen_sigma_schedule,
-    expm1_f32,
+    configured_sigma_schedule,
+    converted_sigmas,
+    final_sigma,
     flow_shift_sigmas,
     interp_sigmas,
-    linear_combination,
-    sigma_to_t,
     solver_timesteps,
 )
 from .schedule import stretch_shift_to_terminal as _stretch_shift_to_terminal
@@ -172,23 +174,18 @@ class UniPCMultistepScheduler(LogSNRSolverMixin):
         def final(sigma_min_value):
             return sigma_min_value if cfg.final_sigmas_type == "sigma_min" else 0
 
-        if cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas:
+        schedule = configured_sigma_schedule(cfg)
+        if schedule is not None:
             base = np.asarray(sigmas) if sigmas is not None else self._train_sigmas()
-            log_sigmas = np.log(base)
-            flipped = np.flip(base)
-            if cfg.use_karras_sigmas:
-                sigmas = self._convert_to_karras(flipped, num_inference_steps)
-                if cfg.use_flow_sigmas:
-                    sigmas = sigmas / (sigmas + 1)
-                    timesteps = sigmas * T
-                else:
-                    timesteps = sigma_to_t(sigmas, log_sigmas).round()
-            elif cfg.use_exponential_sigmas:
-                sigmas = self._convert_to_exponential(flipped, num_inference_steps)
-                timesteps = sigma_to_t(sigmas, log_sigmas)
-            else:
-                sigmas = self._convert_to_beta(flipped, num_inference_steps)
-                timesteps = sigma_to_t(sigmas, log_sigmas)
+            # a karras ramp over flow sigmas is mapped back to flow sigmas s / (s + 1), timesteps s * T
+            flow_karras = schedule == "karras" and cfg.use_flow_sigmas
+            sigmas, timesteps = converted_sigmas(
+                schedule, np.flip(base), num_inference_steps, None if flow_karras else np.log(base),
+                cfg.get("sigma_min"), cfg.get("sigma_max"), round_karras=True,
+            )
+            if flow_karras:
+                sigmas = sigmas / (sigmas + 1)
+                timesteps = sigmas * T
             sigma_last = final(sigmas[-1])
         elif cfg.use_flow_sigmas:
             if sigmas is None:
@@ -209,19 +206,12 @@ class UniPCMultistepScheduler(LogSNRSolverMixin):
         else:
             base = np.asarray(sigmas) if sigmas is not None else self._train_sigmas()
             sigmas = interp_sigmas(timesteps, base)
-            ac0 = self.alphas_cumprod[0]
-            sigma_last = final(np.sqrt((1 - ac0) / ac0))
+            sigma_last = final_sigma(cfg.final_sigmas_type, self.alphas_cumprod)
 
-        self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
-        self.timesteps = np.asarray(timesteps).astype(np.int64)
-        self.num_inference_steps = len(timesteps)
-        self.model_outputs = [None] * cfg.solver_order
-        self.lower_order_nums = 0
+        self._set_schedule(np.concatenate([sigmas, [sigma_last]]), timesteps)
         self.last_sample = None
         if self.solver_p:
             self.solver_p.set_timesteps(self.num_inference_steps, device=device)
-        self._step_index = None
-        self._begin_index = None
 
     def convert_model_output(self, model_output, *args, sample=None, **kwargs):
         """The model output as the solver uses it: x_0 (predict_x0, thresholded if configured) or eps."""

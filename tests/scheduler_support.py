@@ -203,3 +203,78 @@ def sigma_rtol_from_alphas_cumprod(alphas_cumprod, ac_rtol) -> np.ndarray:
     """
     ac = np.asarray(alphas_cumprod, dtype=np.float64)
     return 0.5 * ac_rtol / np.maximum(1 - ac, 1e-300) + 2 * U + 2 * U * TORCH_KERNEL_ULPS + 2 * U
+
+
+# ----------------------------------------------------------------------------------------- the lockstep runs
+RTOL = 1e-5  # a step's samples agree within 1e-5 of the largest magnitude it computes with
+
+
+def assert_close(ours, ref, what: str, scale: float = 1.0, *, same_dtype: bool = False, nonfinite_alike: bool = True):
+    """max |ours - ref| <= RTOL * max(1, max |ref|, scale): 1e-5 relative to the largest magnitude of the step.
+
+    Same shape always, same dtype with ``same_dtype``. With ``nonfinite_alike`` (degenerate schedules, diffusers'
+    fixed_large_log, which takes the sqrt of a log) a nan or inf in the reference must be the same value in the same
+    place in sdort's and only the finite ones are compared; without it every element is (a nan fails).
+    """
+    ref = as_numpy(ref)
+    ours = np.asarray(ours)
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
+    if same_dtype:
+        assert ours.dtype == ref.dtype, f"{what}: dtype {ours.dtype} != {ref.dtype}"
+    ours = ours.astype(np.float64)
+    if nonfinite_alike:
+        finite = np.isfinite(ref)
+        np.testing.assert_array_equal(np.isfinite(ours), finite, err_msg=what)
+        np.testing.assert_array_equal(ours[~finite], ref[~finite], err_msg=what)
+        ours, ref = ours[finite], ref[finite]
+        if ref.size == 0:
+            return
+    scale = max(1.0, float(np.abs(ref).max()), scale)
+    err = float(np.abs(ours - ref).max())
+    assert err <= RTOL * scale, f"{what}: max abs error {err:.3g} (scale {scale:.3g})"
+
+
+def assert_schedule_within(ours, ref, timestep_tol, sigma_tol, name: str):
+    """timesteps (same dtype) and, where diffusers keeps them, float32 sigmas: equal where the tolerance is None,
+    else within it (``assert_within``)."""
+    ref_timesteps = ref.timesteps.numpy()
+    assert ours.timesteps.dtype == ref_timesteps.dtype
+    if timestep_tol is None:
+        np.testing.assert_array_equal(ours.timesteps, ref_timesteps)
+    else:
+        assert_within(ours.timesteps, ref_timesteps, timestep_tol, f"{name} timesteps")
+    if hasattr(ref, "sigmas"):
+        ref_sigmas = ref.sigmas.numpy()
+        assert ours.sigmas.dtype == ref_sigmas.dtype == np.float32
+        if sigma_tol is None:
+            np.testing.assert_array_equal(ours.sigmas, ref_sigmas)
+        else:
+            assert_within(ours.sigmas, ref_sigmas, sigma_tol, f"{name} sigmas")
+
+
+def compare_add_noise(ours, ref, x0, noise, begin: int, what: str, close=assert_close) -> np.ndarray:
+    """Both schedulers noise ``x0`` to their timestep at ``begin`` (repeated per batch item), as image-to-image
+    pipelines start; the float32 results are compared with ``close``. Returns sdort's."""
+    t_ours = np.repeat(ours.timesteps[begin : begin + 1], x0.shape[0])
+    t_ref = ref.timesteps[begin : begin + 1].repeat(x0.shape[0])
+    x_ours = ours.add_noise(x0, noise, t_ours)
+    x_ref = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), t_ref)
+    assert x_ours.dtype == np.float32
+    close(x_ours, x_ref, what)
+    return x_ours
+
+
+def step_arguments(ref, step_kwargs, seed: int, eta_to_reference: bool = False):
+    """(diffusers' step kwargs, sdort's step kwargs, torch generator, replaying generator) for a lockstep run.
+
+    Both draw noise from generators seeded ``seed + 1`` alike. sdort gets what the pipelines pass to every
+    scheduler, eta = 0 unless given (extra arguments must be accepted); diffusers gets the kwargs its step takes,
+    eta = 0 included with ``eta_to_reference`` (its pipelines pass eta only where step takes it).
+    """
+    step_kwargs = dict(step_kwargs or {})
+    if eta_to_reference:
+        step_kwargs = {"eta": 0.0, **step_kwargs}
+    gen_ref, gen_ours = torch.Generator().manual_seed(seed + 1), TorchDraws(seed + 1)
+    ref_kwargs = accepted(ref.step, {**step_kwargs, "generator": gen_ref})
+    our_kwargs = {"eta": 0.0, **step_kwargs, "generator": gen_ours}
+    return ref_kwargs, our_kwargs, gen_ref, gen_ours

@@ -25,13 +25,15 @@ import sdort.schedulers as S  # noqa: E402
 from sdort.schedulers import schedule  # noqa: E402
 from scheduler_support import (  # noqa: E402
     U,
-    TorchDraws,
-    accepted,
+    assert_close,
+    assert_schedule_within,
     assert_ulps,
     assert_within,
+    compare_add_noise,
     log_sigma_uncertainty,
     sigma_rtol_from_alphas_cumprod,
     sigma_to_t_tolerance,
+    step_arguments,
     textbook_ancestral_rtols,
     ulp,
     zero_snr_rtols,
@@ -43,7 +45,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 SHAPE = (2, 4, 6, 6)
 STEPS = (1, 2, 10, 25, 50)
 SPACINGS = ("linspace", "leading", "trailing")
-RTOL = 1e-5
 
 
 def model_fn(x: np.ndarray, t, out_channels: int | None = None) -> np.ndarray:
@@ -53,22 +54,6 @@ def model_fn(x: np.ndarray, t, out_channels: int | None = None) -> np.ndarray:
     if out_channels and out_channels > x.shape[1]:
         out = np.concatenate([out, 0.5 + 0.4 * np.tanh(0.5 * x + 0.001 * t)], axis=1)  # "learned" variance
     return out.astype(np.float32)
-
-
-def assert_close(ours, ref, what: str, scale: float = 1.0):
-    """max |ours - ref| <= 1e-5 * max(1, |ref|, scale): 1e-5 relative to the largest magnitude of the step."""
-    ref = ref.numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
-    ours = np.asarray(ours, dtype=np.float64)
-    finite = np.isfinite(ref)
-    # non-finite values (diffusers' fixed_large_log takes sqrt of a log) must be the same ones
-    np.testing.assert_array_equal(np.isfinite(ours), finite, err_msg=what)
-    np.testing.assert_array_equal(ours[~finite], ref[~finite], err_msg=what)
-    ours, ref = ours[finite], ref[finite]
-    if ref.size == 0:
-        return
-    scale = max(1.0, float(np.abs(ref).max()), scale)
-    err = float(np.abs(ours - ref).max())
-    assert err <= RTOL * scale, f"{what}: max abs error {err:.3g} (scale {scale:.3g})"
 
 
 VP_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler")
@@ -209,20 +194,8 @@ def run_pair(
     ref.set_timesteps(**set_kwargs)
     ours.set_timesteps(**set_kwargs)
 
-    ref_timesteps = ref.timesteps.numpy()
-    assert ours.timesteps.dtype == ref_timesteps.dtype
     timestep_tol, sigma_tol = schedule_tolerances(ours, set_kwargs) if hasattr(ref, "sigmas") else (None, None)
-    if timestep_tol is None:
-        np.testing.assert_array_equal(ours.timesteps, ref_timesteps)
-    else:
-        assert_within(ours.timesteps, ref_timesteps, timestep_tol, f"{name} timesteps")
-    if hasattr(ref, "sigmas"):
-        ref_sigmas = ref.sigmas.numpy()
-        assert ours.sigmas.dtype == ref_sigmas.dtype == np.float32
-        if sigma_tol is None:
-            np.testing.assert_array_equal(ours.sigmas, ref_sigmas)
-        else:
-            assert_within(ours.sigmas, ref_sigmas, sigma_tol, f"{name} sigmas")
+    assert_schedule_within(ours, ref, timestep_tol, sigma_tol, name)
     # (sigma_max^2 + 1)^(1/2) with torch's square root: an ulp of the sigma, an ulp of the root
     np.testing.assert_allclose(ours.init_noise_sigma, float(ref.init_noise_sigma), rtol=1e-6)
     if hasattr(ref, "sigmas") and ours.config.get("rescale_betas_zero_snr"):
@@ -241,18 +214,10 @@ def run_pair(
             if hasattr(ref, "set_begin_index"):
                 ref.set_begin_index(begin)
         noise = rng.standard_normal(SHAPE).astype(np.float32)
-        t0_ours = np.repeat(ours.timesteps[begin : begin + 1], SHAPE[0])
-        t0_ref = ref.timesteps[begin : begin + 1].repeat(SHAPE[0])
-        x_ours = ours.add_noise(start, noise, t0_ours)
-        x_ref = ref.add_noise(torch.from_numpy(start), torch.from_numpy(noise), t0_ref)
-        assert x_ours.dtype == np.float32
-        assert_close(x_ours, x_ref, f"{name} add_noise")
+        x_ours = compare_add_noise(ours, ref, start, noise, begin, f"{name} add_noise")
 
-    step_kwargs = dict(step_kwargs or {})
-    gen_ref, gen_ours = torch.Generator().manual_seed(seed + 1), TorchDraws(seed + 1)
-    ref_kwargs = accepted(ref.step, {**step_kwargs, "generator": gen_ref})
     # sdort gets the same arguments whatever the class: extra ones must be accepted
-    our_kwargs = {"eta": 0.0, **step_kwargs, "generator": gen_ours}
+    ref_kwargs, our_kwargs, _, _ = step_arguments(ref, step_kwargs, seed)
 
     # Lockstep: after each comparison both schedulers go on from sdort's sample, and both step with the model
     # output computed from sdort's scaled input, so that each step's comparison measures that step's arithmetic

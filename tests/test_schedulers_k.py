@@ -55,13 +55,14 @@ from sdort.schedulers.lms import LMSDiscreteScheduler, lagrange_basis_integral  
 from sdort.schedulers.schedule import sigma_to_t, sigmas_from_alphas_cumprod  # noqa: E402
 from scheduler_support import (  # noqa: E402
     U,
-    TorchDraws,
-    accepted,
+    assert_close,
     assert_ulps,
     assert_within,
+    compare_add_noise,
     integer_timestep_tolerance,
     log_sigma_uncertainty,
     sigma_to_t_tolerance,
+    step_arguments,
     textbook_ancestral_rtols,
     ulp,
 )
@@ -73,7 +74,6 @@ STEPS = (1, 2, 10, 25, 50)
 SPACINGS = ("linspace", "leading", "trailing")
 SIGMA_SCHEDULES = (None, "karras", "exponential", "beta")
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-RTOL = 1e-5
 CLASSES = {
     c.__name__: c
     for c in (
@@ -100,26 +100,6 @@ def model_fn(x: np.ndarray, t) -> np.ndarray:
     """A cheap deterministic nonlinear stand-in for the UNet."""
     t = float(np.asarray(t).reshape(-1)[0])
     return (0.7 * np.tanh(x) + 0.3 * np.sin(1.3 * x + 0.01 * t) - 0.05 * x).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------- comparisons
-def assert_close(ours, ref, what: str, scale: float = 1.0):
-    """max |ours - ref| <= 1e-5 * max(1, |ref|, scale): 1e-5 relative to the step's largest magnitude.
-
-    Where diffusers gives nan or inf (degenerate schedules), sdort must give the same in the same places.
-    """
-    ref = ref.numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
-    ours = np.asarray(ours, dtype=np.float64)
-    assert ours.shape == ref.shape, what
-    finite = np.isfinite(ref)
-    np.testing.assert_array_equal(np.isfinite(ours), finite, err_msg=what)
-    np.testing.assert_array_equal(ours[~finite], ref[~finite], err_msg=what)
-    ours, ref = ours[finite], ref[finite]
-    if ref.size == 0:
-        return
-    scale = max(1.0, float(np.abs(ref).max()), scale)
-    err = float(np.abs(ours - ref).max())
-    assert err <= RTOL * scale, f"{what}: max abs error {err:.3g} (scale {scale:.3g})"
 
 
 _KDPM2 = (KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler)
@@ -318,17 +298,11 @@ def run_pair(ours, ref, steps=None, *, begin=0, set_begin=True, set_kwargs=None,
             ours.set_begin_index(begin)
             ref.set_begin_index(begin)
         noise = rng.standard_normal(SHAPE).astype(np.float32)
-        x_ours = ours.add_noise(start, noise, np.repeat(ours.timesteps[begin : begin + 1], SHAPE[0]))
-        t0_ref = ref.timesteps[begin : begin + 1].repeat(SHAPE[0])
-        x_ref = ref.add_noise(torch.from_numpy(start), torch.from_numpy(noise), t0_ref)
-        assert x_ours.dtype == np.float32
-        assert_close(x_ours, x_ref, f"{name} add_noise")
+        x_ours = compare_add_noise(ours, ref, start, noise, begin, f"{name} add_noise")
 
     step_kwargs = dict(step_kwargs or {})
-    gen_ref, gen_ours = torch.Generator().manual_seed(seed + 1), TorchDraws(seed + 1)
-    ref_kwargs = accepted(ref.step, {**step_kwargs, "generator": gen_ref})
     # sdort gets the pipeline's arguments whatever the class: extra ones must be accepted
-    our_kwargs = {"eta": 0.0, **step_kwargs, "generator": gen_ours}
+    ref_kwargs, our_kwargs, gen_ref, gen_ours = step_arguments(ref, step_kwargs, seed)
 
     # lockstep (module docstring): both go on from sdort's sample, with the output of sdort's scaled input
     x_ref = torch.from_numpy(x_ours.copy())

@@ -33,15 +33,18 @@ from sdort.schedulers.lcm import LCMScheduler  # noqa: E402
 from sdort.schedulers.tcd import TCDScheduler  # noqa: E402
 from sdort.schedulers.unipc import UniPCMultistepScheduler  # noqa: E402
 from sdort.schedulers import schedule  # noqa: E402
+from scheduler_support import assert_close as support_assert_close  # noqa: E402
 from scheduler_support import (  # noqa: E402
     U,
     TorchDraws,
     accepted,
-    assert_within,
+    assert_schedule_within,
+    compare_add_noise,
     integer_timestep_tolerance,
     log_sigma_uncertainty,
     sigma_rtol_from_alphas_cumprod,
     sigma_to_t_tolerance,
+    step_arguments,
     ulp,
     zero_snr_rtols,
 )
@@ -62,7 +65,6 @@ OURS = {
 }
 
 SHAPE = (2, 4, 6, 6)
-RTOL = 1e-5
 SPACINGS = ("linspace", "leading", "trailing")
 SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # Stable Diffusion betas
@@ -119,15 +121,8 @@ def model_fn(x, t, prediction_type: str, alphas_cumprod, num_train_timesteps=100
     return out.astype(np.float32)
 
 
-def assert_close(ours, ref, what: str, scale: float = 1.0):
-    """max |ours - ref| <= 1e-5 * max(1, |ref|, scale): 1e-5 relative to the largest magnitude of the step."""
-    ref = ref.numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
-    ours = np.asarray(ours)
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
-    assert ours.dtype == ref.dtype, f"{what}: dtype {ours.dtype} != {ref.dtype}"
-    scale = max(1.0, float(np.abs(ref).max()), scale)
-    err = float(np.abs(ours.astype(np.float64) - ref).max())
-    assert err <= RTOL * scale, f"{what}: max abs error {err:.3g} (scale {scale:.3g})"
+# every element compared (a nan fails), dtypes equal
+assert_close = functools.partial(support_assert_close, same_dtype=True, nonfinite_alike=False)
 
 
 def solver_step_scale(ours, k: int, sample) -> float:
@@ -240,20 +235,8 @@ def run_pair(
     ref.set_timesteps(**set_kwargs)
     ours.set_timesteps(**set_kwargs)
 
-    ref_timesteps = ref.timesteps.numpy()
-    assert ours.timesteps.dtype == ref_timesteps.dtype
     timestep_tol, sigma_tol = schedule_tolerances(ours, set_kwargs)
-    if timestep_tol is None:
-        np.testing.assert_array_equal(ours.timesteps, ref_timesteps)
-    else:
-        assert_within(ours.timesteps, ref_timesteps, timestep_tol, f"{name} timesteps")
-    if hasattr(ref, "sigmas"):
-        ref_sigmas = ref.sigmas.numpy()
-        assert ours.sigmas.dtype == ref_sigmas.dtype == np.float32
-        if sigma_tol is None:
-            np.testing.assert_array_equal(ours.sigmas, ref_sigmas)
-        else:
-            assert_within(ours.sigmas, ref_sigmas, sigma_tol, f"{name} sigmas")
+    assert_schedule_within(ours, ref, timestep_tol, sigma_tol, name)
     assert ours.num_inference_steps == ref.num_inference_steps
     if shared_sigmas or (hasattr(ref, "sigmas") and ours.config.get("rescale_betas_zero_snr")):
         # Both integrate on sdort's sigmas (equal to diffusers' within the bounds checked above): for
@@ -275,19 +258,11 @@ def run_pair(
     if begin:
         noise = rng.standard_normal(shape).astype(np.float32)
         x0 = target_image(shape).astype(np.float32)
-        t0_ours = np.repeat(ours.timesteps[begin : begin + 1], shape[0])
-        t0_ref = ref.timesteps[begin : begin + 1].repeat(shape[0])
-        x_ours = ours.add_noise(x0, noise, t0_ours)
-        x_ref = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), t0_ref)
-        assert_close(x_ours, x_ref, f"{name} add_noise")
+        x_ours = compare_add_noise(ours, ref, x0, noise, begin, f"{name} add_noise", close=assert_close)
 
-    step_kwargs = dict(step_kwargs or {})
-    gen_ref, gen_ours = torch.Generator().manual_seed(seed + 1), TorchDraws(seed + 1)
     # sdort gets what the pipelines pass to every scheduler (extra arguments must be accepted);
     # diffusers' pipelines pass eta and generator only where step takes them
-    step_kwargs = {"eta": 0.0, **step_kwargs}
-    ref_kwargs = accepted(ref.step, {**step_kwargs, "generator": gen_ref})
-    our_kwargs = {**step_kwargs, "generator": gen_ours}
+    ref_kwargs, our_kwargs, _, _ = step_arguments(ref, step_kwargs, seed, eta_to_reference=True)
 
     # lockstep (module docstring): both go on from sdort's sample, with the output of sdort's input
     x_ref = torch.from_numpy(x_ours.copy())
