@@ -2,6 +2,10 @@
 
     sdort txt2img --model models/sd15 "a fox in the snow" --steps 30 --seed 42 -o fox.png
     sdort img2img --model models/sd15 "a fox, oil painting" --image fox.png --strength 0.6 -o oil.png
+    sdort txt2img --model models/sdxl "a fox" --refiner models/sdxl-refiner --high-noise-frac 0.8
+
+The pipeline follows the folder's model_index.json: an SDXL folder runs diffusers' SDXL pipelines.
+Defaults (guidance, strength) are the pipeline's own, as in diffusers.
 
 Bad input ends with one line on stderr and exit code 2; nothing is written then.
 """
@@ -9,6 +13,7 @@ Bad input ends with one line on stderr and exit code 2; nothing is written then.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import sys
@@ -25,7 +30,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-# task -> (pipeline class in sdort.runtime, help, takes a prompt)
+# task -> (pipeline class in sdort.runtime, help, takes a prompt); SDXL folders use XL_TASKS' classes
+XL_TASKS = {"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
+            "inpaint": "StableDiffusionXLInpaintPipeline"}
 TASKS = {
     "txt2img": ("StableDiffusionPipeline", "text to image", True),
     "img2img": ("StableDiffusionImg2ImgPipeline", "image to image", True),
@@ -42,6 +49,16 @@ def _add_task(parser: argparse.ArgumentParser, task: str) -> None:
     parser.add_argument("--model", required=True, help="folder written by sd-export (or Optimum)")
     if takes_prompt:
         parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
+        parser.add_argument("--clip-skip", type=int, default=None,
+                            help="text encoder layers to skip from the end for the prompt (diffusers' clip_skip)")
+    if task in XL_TASKS:
+        parser.add_argument("--prompt-2", default=None, help="SDXL: the prompt for the second text encoder")
+        parser.add_argument("--negative-prompt-2", default=None, help="SDXL: the second encoder's negative prompt")
+    if task == "txt2img":
+        parser.add_argument("--refiner", default=None,
+                            help="SDXL: a refiner folder that finishes the last part of the schedule")
+        parser.add_argument("--high-noise-frac", type=float, default=0.8,
+                            help="SDXL with --refiner: the fraction of the schedule the base runs (default 0.8)")
     if task != "txt2img":
         parser.add_argument("--image", required=True, help="the starting image")
     if task == "inpaint":
@@ -51,10 +68,12 @@ def _add_task(parser: argparse.ArgumentParser, task: str) -> None:
     if task == "depth2img":
         parser.add_argument("--depth-map", default=None, help="depth map (.npy or image); estimated when omitted")
     if task in ("img2img", "inpaint", "depth2img"):
-        parser.add_argument("--strength", type=float, default=1.0 if task == "inpaint" else 0.8,
-                            help="how much of the image is redrawn, in [0, 1]")
+        parser.add_argument("--strength", type=float, default=None,
+                            help="how much of the image is redrawn, in [0, 1] (default: the pipeline's, "
+                                 "0.8 for SD img2img, 1.0 for SD inpaint, 0.3 and 0.9999 for SDXL)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the pipeline's, 7.5; 5.0 for SDXL)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, recorded in the PNG)")
     parser.add_argument("--rng", choices=("torch-cpu", "torch-cuda", "numpy"), default="torch-cpu",
                         help="random-number generator the seed drives (default torch-cpu: diffusers' CPU generator)")
@@ -155,11 +174,37 @@ def check_writable(paths: list[Path]) -> None:
         _partial(path).unlink(missing_ok=True)
 
 
-def task_inputs(args) -> dict:
+def is_xl_folder(model: str) -> bool:
+    """Whether an exported folder holds an SDXL model (its model_index names an SDXL pipeline or a
+    second text encoder)."""
+    from .model_files import read_json
+
+    index_path = Path(model) / "model_index.json"
+    if not index_path.is_file():
+        return False
+    index = read_json(index_path)
+    return str(index.get("_class_name", "")).startswith("StableDiffusionXL") or bool(
+        (index.get("text_encoder_2") or [None])[0])
+
+
+def pipeline_class_name(task: str, model: str) -> str:
+    if task in XL_TASKS and is_xl_folder(model):
+        return XL_TASKS[task]
+    return TASKS[task][0]
+
+
+def task_inputs(args, xl: bool) -> dict:
     """The pipeline arguments a task adds to the common ones, read from the command line."""
     kwargs = {}
     if getattr(args, "prompt", None) is not None:
-        kwargs.update(prompt=args.prompt, negative_prompt=args.negative_prompt)
+        kwargs.update(prompt=args.prompt, negative_prompt=args.negative_prompt, clip_skip=args.clip_skip)
+    for name in ("prompt_2", "negative_prompt_2"):
+        if getattr(args, name, None) is not None:
+            if not xl:
+                raise ValueError(f"--{name.replace('_', '-')}: only SDXL models have a second text encoder")
+            kwargs[name] = getattr(args, name)
+    if getattr(args, "refiner", None) is not None and not xl:
+        raise ValueError("--refiner: the base model must be an SDXL model")
     if getattr(args, "image", None):
         kwargs["image"] = load_image(args.image, "--image")
     if getattr(args, "mask", None):
@@ -174,34 +219,66 @@ def task_inputs(args) -> dict:
         if not Path(args.depth_map).is_file():
             raise FileNotFoundError(f"--depth-map: {args.depth_map} not found")
         kwargs["depth_map"] = args.depth_map
-    if hasattr(args, "strength"):
+    if getattr(args, "strength", None) is not None:
         kwargs["strength"] = args.strength
     if hasattr(args, "height"):
         kwargs.update(height=args.height, width=args.width)
     return kwargs
 
 
-def generate(args) -> int:
+def load_pipeline(class_name: str, args, model: str):
     from .. import runtime
 
-    paths = output_paths(args.output, args.num_images)
-    check_writable(paths)
-    inputs = task_inputs(args)  # read the input files before loading the model
-    pipe = getattr(runtime, TASKS[args.command][0]).from_pretrained(args.model, provider=args.provider)
+    pipe = getattr(runtime, class_name).from_pretrained(model, provider=args.provider)
     if args.scheduler:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    return pipe
+
+
+def call_default(pipe, name: str):
+    """The default of a pipeline's `__call__` parameter (guidance_scale, strength), as diffusers'."""
+    return inspect.signature(pipe.__call__).parameters[name].default
+
+
+def generate(args) -> int:
+    paths = output_paths(args.output, args.num_images)
+    check_writable(paths)
+    xl = is_xl_folder(args.model)
+    inputs = task_inputs(args, xl)  # read the input files before loading the model
+    refiner = None
+    if getattr(args, "refiner", None) is not None:
+        if not Path(args.refiner).is_dir():
+            raise FileNotFoundError(f"--refiner: {args.refiner}: no such model folder")
+        refiner = load_pipeline(XL_TASKS["img2img"], args, args.refiner)
+    pipe = load_pipeline(pipeline_class_name(args.command, args.model), args, args.model)
+    guidance = args.guidance if args.guidance is not None else call_default(pipe, "guidance_scale")
     seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**32)
-    images = pipe(num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.num_images,
-                  generator=make_generator(args.rng, seed), **inputs).images
+    generator = make_generator(args.rng, seed)
+    common = dict(num_inference_steps=args.steps, guidance_scale=guidance, num_images_per_prompt=args.num_images,
+                  generator=generator)
+    if refiner is None:
+        images = pipe(**common, **inputs).images
+    else:
+        # diffusers' two-stage SDXL: the base stops at high_noise_frac and hands its latents over;
+        # the refiner continues the same generator and finishes the schedule
+        latents = pipe(**common, **inputs, denoising_end=args.high_noise_frac, output_type="latent").images
+        text = {k: v for k, v in inputs.items() if k in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")}
+        images = refiner(**common, **text, image=latents, denoising_start=args.high_noise_frac).images
     parameters = {
         "task": args.command, "prompt": getattr(args, "prompt", None),
         "negative_prompt": getattr(args, "negative_prompt", None), "seed": seed, "rng": args.rng,
-        "steps": args.steps, "guidance": args.guidance, "scheduler": type(pipe.scheduler).__name__,
-        "size": f"{images[0].width}x{images[0].height}", "model": args.model, "software": "sdort",
+        "steps": args.steps, "guidance": guidance, "scheduler": type(pipe.scheduler).__name__,
+        "size": f"{images[0].width}x{images[0].height}", "model": args.model, "pipeline": type(pipe).__name__,
+        "software": "sdort",
     }
-    for name in ("image", "mask", "depth_map", "strength", "padding_mask_crop"):
+    for name in ("prompt_2", "negative_prompt_2", "clip_skip", "image", "mask", "depth_map", "strength",
+                 "padding_mask_crop", "refiner"):
         if getattr(args, name, None) is not None:
             parameters[name] = getattr(args, name)
+    if refiner is not None:
+        parameters["high_noise_frac"] = args.high_noise_frac
+    if "strength" in inputs or args.command in ("img2img", "inpaint", "depth2img"):
+        parameters["strength"] = inputs.get("strength", call_default(pipe, "strength"))
     paths = output_paths(args.output, len(images))
     save_images(images, paths, parameters)
     for path in paths:
