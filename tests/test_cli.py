@@ -128,3 +128,41 @@ def test_scheduler_names_resolve_and_are_listed():
         assert type(scheduler_from_name(class_name, config)).__name__ == class_name
     listing = sdort("schedulers").stdout
     assert all(short in listing for short in SCHEDULER_NAMES)
+
+
+def test_sdxl_folder_runs_the_sdxl_pipelines_and_the_refiner(sdxl, sdxl_refiner, tmp_path):
+    """An SDXL folder just works: model_index.json picks the pipeline, the SDXL defaults apply, and
+    --refiner runs diffusers' two-stage hand-off with one generator, as the Python API does."""
+    from sdort.runtime import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, TorchGenerator
+
+    (_, base_dir), (_, refiner_dir) = sdxl, sdxl_refiner
+    out = tmp_path / "fox.png"
+    result = sdort("txt2img", "--model", str(base_dir), "a fox", "--prompt-2", "in the snow", "--clip-skip", "1",
+                   "--steps", "5", "--seed", "3", "--height", "64", "--width", "64", "--refiner", str(refiner_dir),
+                   "--high-noise-frac", "0.7", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    meta = Image.open(out).text
+    assert meta["pipeline"] == "StableDiffusionXLPipeline" and meta["guidance"] == "5.0"
+    assert meta["prompt_2"] == "in the snow" and meta["clip_skip"] == "1"
+    assert meta["refiner"] == str(refiner_dir) and meta["high_noise_frac"] == "0.7"
+    base = StableDiffusionXLPipeline.from_pretrained(base_dir, provider="cpu")
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_dir, provider="cpu")
+    generator = TorchGenerator(3)
+    latents = base("a fox", prompt_2="in the snow", clip_skip=1, num_inference_steps=5, height=64, width=64,
+                   generator=generator, denoising_end=0.7, output_type="latent").images
+    expected = refiner("a fox", prompt_2="in the snow", image=latents, num_inference_steps=5, generator=generator,
+                       denoising_start=0.7).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+
+    result = sdort("img2img", "--model", str(base_dir), "a fox", "--image", str(out), "--steps", "4",
+                   "-o", str(tmp_path / "b.png"))
+    assert result.returncode == 0, result.stderr
+    meta = Image.open(tmp_path / "b.png").text
+    assert meta["pipeline"] == "StableDiffusionXLImg2ImgPipeline" and meta["strength"] == "0.3"
+
+
+def test_sdxl_options_on_an_sd_model_are_refused(tiny_export, tmp_path):
+    for args, word in ((["--prompt-2", "x"], "--prompt-2"), (["--refiner", str(tiny_export)], "--refiner")):
+        result = sdort("txt2img", "--model", str(tiny_export), "a dog", "-o", str(tmp_path / "dog.png"), *args)
+        assert result.returncode == 2 and word in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []

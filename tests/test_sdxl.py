@@ -196,3 +196,23 @@ def test_bad_input_is_named(sdxl, sdxl_refiner):
     with pytest.raises(ValueError, match="denoising_start"):
         ours_for("StableDiffusionXLImg2ImgPipeline", sdxl_refiner[1])(
             "a fox", image=np.zeros((1, 4, 8, 8), np.float32), denoising_start=0.9, denoising_end=0.5)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_turbo_style_use(sdxl, steps):
+    """SDXL-Turbo as diffusers documents it: guidance_scale=0.0 (no guidance), 1-4 steps, an Euler
+    ancestral scheduler with timestep_spacing="trailing" (as sdxl-turbo's scheduler config)."""
+    import diffusers
+
+    import sdort.schedulers
+
+    reference, folder = sdxl
+    ours = ours_for("StableDiffusionXLPipeline", folder)
+    ours.scheduler = sdort.schedulers.EulerAncestralDiscreteScheduler.from_config(
+        ours.scheduler.config, timestep_spacing="trailing")
+    ref = reference_for("StableDiffusionXLPipeline", reference)
+    ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config,
+                                                                          timestep_spacing="trailing")
+    kwargs = dict(prompt="a cinematic shot of a raccoon", num_inference_steps=steps, guidance_scale=0.0, **SIZE)
+    compare(ours(generator=8, output_type="np", **kwargs).images,
+            ref(generator=reference_generator(8), output_type="np", **kwargs).images)
