@@ -220,10 +220,16 @@ def is_xl_unet(unet) -> bool:
     return unet.config.get("addition_embed_type") == "text_time"
 
 
+def unet_part(unet) -> Part:
+    """The UNet's contract, chosen from its config: the extra inputs a model family adds (SDXL's
+    `text_embeds` and `time_ids`, ...) are inputs of the graph. A new family adds its case here."""
+    if is_xl_unet(unet):
+        return UNET_XL
+    return UNET
+
+
 def parts_for(modules) -> list[Part]:
-    """The parts to export for a model's torch components (a name -> module mapping); an SDXL UNet
-    gets SDXL's contract."""
+    """The parts to export for a model's torch components (a name -> module mapping), the UNet with
+    the contract its config calls for."""
     parts = [part for part in ALL_PARTS if part.component in modules]
-    if "unet" in modules and is_xl_unet(modules["unet"]):
-        parts = [UNET_XL if part is UNET else part for part in parts]
-    return parts
+    return [unet_part(modules["unet"]) if part is UNET else part for part in parts]

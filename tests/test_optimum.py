@@ -3,7 +3,9 @@
 Claim: a tiny SD 1 model saved by diffusers and exported with Optimum gives, in sdort, the images
 diffusers gives from the same folder, seeds and inputs, within 1e-3 max abs on [0, 1] (fp32), for
 text-to-image, image-to-image and inpainting (an ordinary 4-channel UNet, which diffusers' inpaint
-pipeline accepts).
+pipeline accepts). So do a tiny SDXL base (`--task text-to-image`, StableDiffusionXLPipeline) and a
+tiny SDXL refiner (`--task image-to-image`: text_encoder_2 alone, aesthetic-score time ids), with
+guidance and negative prompts, and the base → refiner hand-off.
 
 What was found (Optimum 2.1 / optimum-onnx 0.1.0, the pins below):
 
@@ -24,7 +26,17 @@ What was found (Optimum 2.1 / optimum-onnx 0.1.0, the pins below):
   encoder's weights without the `text_model.` prefix (transformers 4 loads them as *random*
   weights, with only a warning) and a tokenizer folder with tokenizer.json alone. The fixture
   writes the folder as Hub checkpoints are laid out (prefixed keys, vocab.json and merges.txt),
-  which both transformers versions read as the same weights.
+  which both transformers versions read as the same weights. (CLIPTextModelWithProjection, SDXL's
+  text_encoder_2, is saved by transformers 5 with the prefix; only the tokenizers need the files.)
+- SDXL needs no change in sdort: Optimum's folders have sdort's layout and names. Each text
+  encoder has `hidden_states.0` .. `hidden_states.N` (N layers; Optimum turns `output_hidden_states`
+  on for SDXL only), `last_hidden_state`, and `pooler_output` (text_encoder) or `text_embeds`
+  (text_encoder_2), all float32; the UNet takes `text_embeds` [B, projection_dim] and `time_ids`
+  [B, 6] (the refiner: [B, 5]) float32 beside the rank-0 timestep; both VAE parts are float32 (the
+  default dtype; `--dtype fp16` not tried), with `force_upcast` and SDXL's scaling factor in their
+  config.json.
+  Oddity, harmless for sdort (it reads the width from the session): text_encoder_2 declares
+  `text_embeds` as ['batch_size', 'sequence_length'], its projection axis given the token axis' name.
 
 The Optimum tool chain lives in its own virtual environment (it pins an older transformers than
 sdort's tests use), created on first use under ~/.cache/sdort-tests/ (or $SDORT_TEST_CACHE), in a
@@ -45,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TOKENIZER_DIR, tiny_components
+from conftest import TOKENIZER_DIR, tiny_components, tiny_xl_components
 
 TOLERANCE = 1e-3
 
@@ -142,45 +154,50 @@ def save_hub_layout(folder: Path) -> None:
     """Rewrite what transformers 5 saved into the layout of Hub checkpoints, which transformers 4 reads.
 
     transformers 5 saves CLIPTextModel's weights without the `text_model.` prefix and the
-    tokenizer as tokenizer.json alone; transformers 4 would load the text encoder with random
+    tokenizers as tokenizer.json alone; transformers 4 would load the text encoder with random
     weights (a warning only) and cannot build the slow CLIPTokenizer that model_index.json names.
+    CLIPTextModelWithProjection (SDXL's text_encoder_2) keeps `text_model.` beside `text_projection.`.
     """
     from safetensors.numpy import load_file, save_file
 
-    weights = folder / "text_encoder" / "model.safetensors"
-    tensors = load_file(weights)
-    if not all(name.startswith("text_model.") for name in tensors):
-        save_file({name if name.startswith("text_model.") else f"text_model.{name}": value
-                   for name, value in tensors.items()}, weights, metadata={"format": "pt"})
-    for name in ("vocab.json", "merges.txt"):
-        if not (folder / "tokenizer" / name).is_file():
-            shutil.copy(TOKENIZER_DIR / name, folder / "tokenizer" / name)
+    for part in ("text_encoder", "text_encoder_2"):
+        weights = folder / part / "model.safetensors"
+        if not weights.is_file():
+            continue
+        tensors = load_file(weights)
+        if not any(name.startswith("text_model.") for name in tensors):
+            save_file({name if name.startswith("text_projection.") else f"text_model.{name}": value
+                       for name, value in tensors.items()}, weights, metadata={"format": "pt"})
+    for part in ("tokenizer", "tokenizer_2"):
+        for name in ("vocab.json", "merges.txt"):
+            if (folder / part).is_dir() and not (folder / part / name).is_file():
+                shutil.copy(TOKENIZER_DIR / name, folder / part / name)
 
 
-@pytest.fixture(scope="session")
-def optimum_sd1(tmp_path_factory):
-    """(diffusers pipeline, Optimum export dir): conftest's tiny SD 1 parts saved by diffusers,
-    read back by diffusers as the reference and exported by `optimum-cli export onnx`."""
+def optimum_export(cls, components, folder: Path, task: str, **load):
+    """(diffusers pipeline, Optimum export dir): `components` saved by diffusers as `cls`, read back by
+    diffusers as the reference and exported by `optimum-cli export onnx --task TASK`."""
     if os.environ.get("SDORT_SKIP_OPTIMUM") == "1":
         pytest.skip("SDORT_SKIP_OPTIMUM=1: the Optimum export tests are skipped")
     import torch
-    from diffusers import StableDiffusionPipeline
 
     venv = optimum_venv()
-    folder = tmp_path_factory.mktemp("optimum")
     source = folder / "diffusers"
-    components = tiny_components()
-    StableDiffusionPipeline(**components).save_pretrained(source)
+    cls(**components).save_pretrained(source)
     save_hub_layout(source)
-    reference = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
+    reference = cls.from_pretrained(source, **load)
     reference.set_progress_bar_config(disable=True)
-    # the rewritten text encoder is still the one built (transformers 5 reads the prefixed keys)
-    built = components["text_encoder"].state_dict()
-    assert all(torch.equal(value, built[name]) for name, value in reference.text_encoder.state_dict().items())
+    # the rewritten text encoders are still the ones built (transformers 5 reads the prefixed keys)
+    for part in ("text_encoder", "text_encoder_2"):
+        if components.get(part) is not None:
+            built = components[part].state_dict()
+            loaded = getattr(reference, part).state_dict()
+            assert loaded.keys() == built.keys()
+            assert all(torch.equal(value, built[name]) for name, value in loaded.items())
 
     out, log = folder / "optimum", folder / "optimum-cli.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    code = _run([venv / "bin" / "optimum-cli", "export", "onnx", "--task", "text-to-image", "--model", source, out],
+    code = _run([venv / "bin" / "optimum-cli", "export", "onnx", "--task", task, "--model", source, out],
                 log, EXPORT_TIMEOUT_S, env=env)
     if code != 0:
         pytest.fail(f"optimum-cli export failed (exit code {code}):\n{_tail(log)}", pytrace=False)
@@ -188,6 +205,34 @@ def optimum_sd1(tmp_path_factory):
         pytest.fail(f"Optimum's transformers loaded part of the model with random weights:\n{_tail(log)}",
                     pytrace=False)
     return reference, out
+
+
+@pytest.fixture(scope="session")
+def optimum_sd1(tmp_path_factory):
+    """conftest's tiny SD 1 model exported by Optimum (`optimum_export`)."""
+    from diffusers import StableDiffusionPipeline
+
+    return optimum_export(StableDiffusionPipeline, tiny_components(), tmp_path_factory.mktemp("optimum"),
+                          "text-to-image", safety_checker=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="session")
+def optimum_sdxl(tmp_path_factory):
+    """conftest's tiny SDXL base exported by Optimum (StableDiffusionXLPipeline: `text-to-image`)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return optimum_export(StableDiffusionXLPipeline, {**tiny_xl_components("base"), "add_watermarker": False},
+                          tmp_path_factory.mktemp("optimum_sdxl"), "text-to-image", add_watermarker=False)
+
+
+@pytest.fixture(scope="session")
+def optimum_sdxl_refiner(tmp_path_factory):
+    """conftest's tiny SDXL refiner exported by Optimum (StableDiffusionXLImg2ImgPipeline: `image-to-image`)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    return optimum_export(StableDiffusionXLImg2ImgPipeline,
+                          {**tiny_xl_components("refiner"), "add_watermarker": False},
+                          tmp_path_factory.mktemp("optimum_sdxl_refiner"), "image-to-image", add_watermarker=False)
 
 
 def ours(folder, cls_name="StableDiffusionPipeline", scheduler=None):
@@ -202,9 +247,19 @@ def ours(folder, cls_name="StableDiffusionPipeline", scheduler=None):
 
 
 def reference_as(reference, cls_name="StableDiffusionPipeline", scheduler=None):
+    """diffusers' `cls_name` on the reference's components and pipeline config (the refiner's
+    `requires_aesthetics_score`, `force_zeros_for_empty_prompt`); never a watermark."""
+    import inspect
+
     import diffusers
 
-    pipe = getattr(diffusers, cls_name)(**reference.components)
+    cls = getattr(diffusers, cls_name)
+    accepted = inspect.signature(cls.__init__).parameters
+    config = {name: value for name, value in reference.config.items()
+              if name in accepted and name not in reference.components}
+    if "add_watermarker" in accepted:
+        config["add_watermarker"] = False
+    pipe = cls(**reference.components, **config)
     pipe.set_progress_bar_config(disable=True)
     if scheduler:
         pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
@@ -284,3 +339,71 @@ def test_inpaint_with_a_4_channel_unet_matches_diffusers(optimum_sd1, strength, 
                     image=init_image(), mask_image=mask_image(), strength=strength, num_inference_steps=6,
                     num_images_per_prompt=2)
     assert error <= TOLERANCE
+
+
+def test_optimum_sdxl_io_forms_are_the_ones_described(optimum_sdxl, optimum_sdxl_refiner):
+    """What Optimum writes for SDXL (the docstring's list), so the parity tests below are about it."""
+    from sdort.runtime import OnnxModel
+
+    hidden = [f"hidden_states.{i}" for i in range(6)]  # the embeddings and 5 layers
+    for folder, time_ids, parts in ((optimum_sdxl[1], 6, ("text_encoder", "text_encoder_2")),
+                                    (optimum_sdxl_refiner[1], 5, ("text_encoder_2",))):
+        assert (folder / "text_encoder").exists() == (len(parts) == 2)
+        models = {part: OnnxModel(folder / part / "model.onnx", provider="cpu")
+                  for part in (*parts, "unet", "vae_encoder", "vae_decoder")}
+        for part in parts:
+            pooled = "pooler_output" if part == "text_encoder" else "text_embeds"
+            assert list(models[part].inputs) == ["input_ids"] and models[part].inputs["input_ids"].dtype == np.int64
+            assert sorted(models[part].outputs) == sorted(["last_hidden_state", pooled, *hidden])
+        unet = models["unet"]
+        assert list(unet.inputs) == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+        assert unet.inputs["timestep"].shape == () and unet.inputs["time_ids"].shape[1] == time_ids
+        assert unet.inputs["text_embeds"].shape[1] == 32 and list(unet.outputs) == ["out_sample"]
+        assert list(models["vae_encoder"].outputs) == ["latent_parameters"]
+        assert list(models["vae_decoder"].inputs) == ["latent_sample"]
+        for model in models.values():
+            assert all(spec.dtype in (np.float32, np.int64)
+                       for spec in [*model.inputs.values(), *model.outputs.values()])
+
+
+@pytest.mark.parametrize("scheduler, seeds, kwargs", [
+    # two prompts, their negative prompts, two seeds
+    (None, (3, 4), dict(prompt=["a red fox in the snow", "a castle"], negative_prompt=["blurry", "dark"])),
+    # guidance without a negative prompt: zero negative embeddings (force_zeros_for_empty_prompt);
+    # prompt_2 for the second encoder, two images of the prompt
+    ("EulerAncestralDiscreteScheduler", (5, 6), dict(prompt="a lighthouse", prompt_2="at dusk",
+                                                     num_images_per_prompt=2)),
+])
+def test_sdxl_text_to_image_matches_diffusers(optimum_sdxl, scheduler, seeds, kwargs):
+    error = compare(optimum_sdxl, "StableDiffusionXLPipeline", scheduler, seeds, num_inference_steps=4,
+                    guidance_scale=5.0, height=64, width=64, **kwargs)
+    assert error <= TOLERANCE
+
+
+def test_sdxl_refiner_image_to_image_matches_diffusers(optimum_sdxl_refiner):
+    # only text_encoder_2; aesthetic-score time ids; the VAE sample of the image from the seed
+    error = compare(optimum_sdxl_refiner, "StableDiffusionXLImg2ImgPipeline", None, (5,), prompt="a watercolor fox",
+                    negative_prompt="blurry", image=init_image(), strength=0.6, num_inference_steps=4,
+                    guidance_scale=5.0, aesthetic_score=7.0, negative_aesthetic_score=2.0)
+    assert error <= TOLERANCE
+
+
+def test_sdxl_base_to_refiner_hand_off_matches_diffusers(optimum_sdxl, optimum_sdxl_refiner):
+    """The base's first 75 % of the schedule as latents, the refiner's rest, both exported by Optimum."""
+    import torch
+
+    common = dict(prompt="a red fox in the snow", negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0)
+    latents = ours(optimum_sdxl[1], "StableDiffusionXLPipeline")(
+        generator=4, denoising_end=0.75, output_type="latent", height=64, width=64, **common).images
+    expected_latents = reference_as(optimum_sdxl[0], "StableDiffusionXLPipeline")(
+        generator=torch.Generator().manual_seed(4), denoising_end=0.75, output_type="latent", height=64, width=64,
+        **common).images
+    assert np.abs(latents - expected_latents.numpy()).max() <= TOLERANCE
+    refiner = ours(optimum_sdxl_refiner[1], "StableDiffusionXLImg2ImgPipeline")
+    assert refiner.config["requires_aesthetics_score"] and refiner.text_encoder is None
+    got = refiner(image=latents, generator=5, denoising_start=0.75, output_type="np", **common).images
+    expected = reference_as(optimum_sdxl_refiner[0], "StableDiffusionXLImg2ImgPipeline")(
+        image=expected_latents, generator=torch.Generator().manual_seed(5), denoising_start=0.75, output_type="np",
+        **common).images
+    assert got.std() > 1e-3, "degenerate image: the comparison would prove nothing"
+    assert np.abs(got - expected).max() <= TOLERANCE

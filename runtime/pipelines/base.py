@@ -26,6 +26,7 @@ from ..randomness import as_generator, randn_tensor
 from ..sessions import OnnxModel
 from ..tokenizer import CLIPTokenizer
 from .checks import check_common_inputs, check_finite, check_finite_output, memory_bytes
+from .guidance import ClassifierFreeGuidance
 from .prompts import PromptEncoder
 
 logger = logging.getLogger("sdort")
@@ -39,15 +40,6 @@ class StableDiffusionPipelineOutput:
 
     images: object
     nsfw_content_detected: list | None = None
-
-
-def rescale_noise_cfg(noise_cfg: np.ndarray, noise_pred_text: np.ndarray, guidance_rescale: float) -> np.ndarray:
-    """Rescale guided noise towards the text prediction's std (Lin et al. 2023, §3.4), as diffusers does."""
-    axes = tuple(range(1, noise_pred_text.ndim))
-    std_text = noise_pred_text.std(axis=axes, keepdims=True)
-    std_cfg = noise_cfg.std(axis=axes, keepdims=True)
-    rescaled = noise_cfg * (std_text / std_cfg)
-    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
 
 
 def retrieve_timesteps(scheduler, num_inference_steps, timesteps=None, sigmas=None) -> int:
@@ -394,6 +386,10 @@ class OnnxDiffusionPipeline:
         after_step: Callable | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs=("latents",),
+        guidance=None,
+        extra_embeds=(),
+        unet_timestep: Callable | None = None,
+        model_output: Callable | None = None,
     ) -> np.ndarray:
         """The denoising loop shared by every task, as diffusers' pipelines run it.
 
@@ -405,60 +401,64 @@ class OnnxDiffusionPipeline:
         over the steps: SDXL's `text_embeds` and `time_ids`, which callbacks see and may replace as
         `add_text_embeds` and `add_time_ids`, as in diffusers.
         `callback_on_step_end` may return new `latents`, `prompt_embeds` or `conditioning`.
+
+        What a pipeline with another combination of predictions changes (see `guidance.py`):
+        `guidance` combines the UNet batch's outputs (default: classifier-free guidance with
+        `guidance_scale` and `guidance_rescale` when there are negative embeddings), and the batch
+        holds `guidance.copies` copies of the latents, conditioned by `[negative, prompt,
+        *extra_embeds]`. `unet_timestep(i, t)` is the timestep the UNet gets (default `t`), and
+        `model_output(i, t, noise_pred, latents)` turns the UNet's raw output into the prediction the
+        scheduler takes (default: as it is), before guidance.
         """
         self.check_unet_kind(latents.shape[1] + (0 if conditioning is None else conditioning.shape[1]))
         check_finite("eta", eta)
-        do_cfg = negative_prompt_embeds is not None
-        embeds = np.concatenate([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+        if guidance is None and negative_prompt_embeds is not None:
+            guidance = ClassifierFreeGuidance(guidance_scale, guidance_rescale)
+        copies = 1 if guidance is None else guidance.copies
+        parts = [prompt_embeds] if negative_prompt_embeds is None else [negative_prompt_embeds, prompt_embeds]
+        embeds = np.concatenate([*parts, *extra_embeds]) if len(parts) + len(extra_embeds) > 1 else prompt_embeds
         # Constant over all steps: placed on the session's device once.
         embeds_on_device = self.unet.to_device("encoder_hidden_states", embeds)
         added_inputs = dict(added_inputs or {})
         added_on_device = {name: self.unet.to_device(name, value) for name, value in added_inputs.items()}
-        # The UNet's input batch, built in one buffer made once per call: [uncond; text] copies of
-        # the scaled latents, then the conditioning channels (written once into both halves, or
-        # when a callback replaces them).
+        # The UNet's input batch, built in one buffer made once per call: `copies` copies of the
+        # scaled latents ([uncond; text] with guidance), then the conditioning channels (written
+        # once into every copy, or when a callback replaces them).
         n, c = latents.shape[:2]
-        model_input = np.empty((2 * n if do_cfg else n, c + (0 if conditioning is None else conditioning.shape[1]),
+        model_input = np.empty((copies * n, c + (0 if conditioning is None else conditioning.shape[1]),
                                 *latents.shape[2:]), np.float32)
         if conditioning is not None:
-            model_input[:n, c:] = conditioning
-            model_input[n:, c:] = conditioning
+            model_input[:, c:] = np.concatenate([conditioning] * copies) if len(conditioning) == n else conditioning
         step_kwargs = {"generator": generator, "eta": eta}
         for i, t in enumerate(tqdm(timesteps, **self._progress_bar_config)):
-            # scale_model_input is elementwise, so the half batch scaled once equals diffusers' doubled one
+            # scale_model_input is elementwise, so the copy scaled once equals diffusers' doubled batch
             model_input[:n, :c] = scheduler.scale_model_input(latents, t)
-            if do_cfg:
-                model_input[n:, :c] = model_input[:n, :c]
+            for k in range(1, copies):
+                model_input[k * n:(k + 1) * n, :c] = model_input[:n, :c]
+            unet_t = t if unet_timestep is None else unet_timestep(i, t)
             noise_pred = self.unet(
-                sample=model_input, timestep=self._timestep_feed(t, model_input.shape[0]),
+                sample=model_input, timestep=self._timestep_feed(unet_t, model_input.shape[0]),
                 encoder_hidden_states=embeds_on_device, **added_on_device,
             )["out_sample"].astype(np.float32, copy=False)
             check_finite_output(noise_pred, "unet", lambda: f"at step {i + 1} of {len(timesteps)} (timestep {t})")
-            if do_cfg:
-                # uncond + g * (text - uncond), in place in the text half: the same float32 operations
-                # in the same order as diffusers, without three temporaries per step
-                noise_uncond, noise_text = np.split(noise_pred, 2)
-                text = noise_text.copy() if guidance_rescale > 0 else None
-                np.subtract(noise_text, noise_uncond, out=noise_text)
-                noise_text *= np.float32(guidance_scale)
-                noise_text += noise_uncond
-                noise_pred = noise_text
-                if guidance_rescale > 0:
-                    noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale)
+            if model_output is not None:
+                noise_pred = model_output(i, t, noise_pred, latents)
+            if guidance is not None:
+                noise_pred = guidance.combine(i, t, noise_pred)
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
             if after_step is not None:
                 latents = after_step(i, t, latents)
             if callback_on_step_end is not None:
                 # As in diffusers, `prompt_embeds` here is the batch the UNet sees (negative first).
                 values = {"latents": latents, "prompt_embeds": embeds, "negative_prompt_embeds": negative_prompt_embeds,
-                          **{_CALLBACK_NAMES[name]: value for name, value in added_inputs.items()}}
+                          **{_CALLBACK_NAMES.get(name, name): value for name, value in added_inputs.items()}}
                 changed = callback_on_step_end(self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs}) or {}
                 latents = changed.get("latents", latents)
                 for name in added_inputs:
-                    if _CALLBACK_NAMES[name] in changed:
-                        added_inputs[name] = changed[_CALLBACK_NAMES[name]]
+                    if _CALLBACK_NAMES.get(name, name) in changed:
+                        added_inputs[name] = changed[_CALLBACK_NAMES.get(name, name)]
                         added_on_device[name] = self.unet.to_device(name, added_inputs[name])
-                if "conditioning" in changed:  # the UNet batch's extra channels, doubled with guidance
+                if "conditioning" in changed:  # the UNet batch's extra channels, in every copy
                     model_input[:, c:] = changed["conditioning"]
                 if "prompt_embeds" in changed:
                     embeds = changed["prompt_embeds"]
