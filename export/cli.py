@@ -21,13 +21,16 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=DTYPES, default="fp32",
                         help="fp16 converts text encoder and UNet; the VAE stays fp32 (default: fp32)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--no-safety-checker", action="store_true",
+                        help="leave out the model's safety checker (the runtime then checks nothing)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        export(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        export(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite,
+               safety_checker=not args.no_safety_checker)
     except (ValueError, OSError, ConnectionError, ExportCheckError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"sd-export: error: {message}", file=sys.stderr)

@@ -46,19 +46,29 @@ def _save_part_config(module, folder: Path) -> None:
 
 
 def _build(source, tmp: Path, dtype: str, log) -> dict:
+    """Every part, one component's weights in memory at a time: a lazy source reads or builds each
+    component when its first part begins and drops it once its last part is traced and run in torch,
+    before ONNX Runtime opens the graph to check it."""
     parts_info = {}
-    for part in parts_for(source.modules):
+    parts = parts_for(source.modules)
+    for index, part in enumerate(parts):
         start = time.perf_counter()
-        module = source.modules[part.component]
+        module = source.load(part.component)
         folder = tmp / part.name
-        graph = convert.trace(part, module, source.modules)
-        part_dtype = dtype if part.fp16 else "fp32"
-        if part_dtype == "fp16":
-            graph = convert.to_float16(graph)
-        convert.save(graph, folder)
-        del graph
+        scratch = tmp / f".trace-{part.name}"  # torch's graph and weight files, removed once saved
+        traced = convert.trace_to_file(part, module, source.modules, scratch)
+        folder.mkdir()
         _save_part_config(module, folder)
-        error = convert.check(part, module, folder, part_dtype, source.modules)
+        inputs, expected = convert.reference(part, module, source.modules)
+        output_names = part.output_names(module)
+        if all(later.component != part.component for later in parts[index + 1:]):
+            del module
+            source.release(part.component)
+        part_dtype = dtype if part.fp16 else "fp32"
+        convert.save_file(traced, folder, float16=part_dtype == "fp16")
+        shutil.rmtree(scratch)
+        error = convert.compare(part, folder, inputs, expected, output_names)
+        del inputs, expected
         tolerance = convert.TOLERANCE[part_dtype]
         size = _folder_size(folder)
         log(f"{part.name:<15} {time.perf_counter() - start:7.1f} s  {size / 1e6:9.1f} MB  {part_dtype}  "
@@ -67,9 +77,22 @@ def _build(source, tmp: Path, dtype: str, log) -> dict:
             raise ExportCheckError(
                 f"{part.name}: ONNX Runtime output differs from torch by {error:.3e}, above the tolerance {tolerance:.0e}"
             )
-        parts_info[part.name] = {"dtype": part_dtype, "inputs": part.inputs, "outputs": part.output_names(module),
+        parts_info[part.name] = {"dtype": part_dtype, "inputs": part.inputs, "outputs": output_names,
                                  "max_abs_error": error}
     return parts_info
+
+
+# How diffusers' pipelines list their safety checker in model_index.json.
+_SAFETY_CHECKER_ENTRY = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+
+
+def _without_safety_checker(source) -> None:
+    """`--no-safety-checker`: leave the checker out (never loaded), and its feature extractor's
+    config unless another part reads it."""
+    source.modules.pop("safety_checker", None)
+    source.loaders.pop("safety_checker", None)
+    if not any(name in source.modules for name in ("depth_estimator", "image_encoder")):
+        source.feature_extractor = source.feature_extractor_class = None
 
 
 def _write_files(source, tmp: Path, dtype: str, parts_info: dict) -> None:
@@ -90,8 +113,11 @@ def _write_files(source, tmp: Path, dtype: str, parts_info: dict) -> None:
         "_diffusers_version": _version("diffusers"),
         "feature_extractor": (["transformers", source.feature_extractor_class] if source.feature_extractor is not None
                               else [None, None]),
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
+        # with a checker, what the source says (diffusers' default True); without, no warning at load
+        "requires_safety_checker": ("safety_checker" in modules
+                                    and bool(source.pipeline_config.get("requires_safety_checker", True))),
+        "safety_checker": ((source.model_index.get("safety_checker") or _SAFETY_CHECKER_ENTRY)
+                           if "safety_checker" in modules else [None, None]),
         "scheduler": ["diffusers", scheduler_class],
     }
     for suffix in ("", "_2"):
@@ -103,6 +129,10 @@ def _write_files(source, tmp: Path, dtype: str, parts_info: dict) -> None:
     for name in ("depth_estimator", "image_encoder"):
         if name in modules:
             index[name] = ["transformers", type(modules[name]).__name__]
+    for folder, config in source.extra_scheduler_configs.items():  # the x4 upscaler's low_res_scheduler
+        (tmp / folder).mkdir()
+        (tmp / folder / "scheduler_config.json").write_bytes(config)
+        index[folder] = ["diffusers", json.loads(config).get("_class_name", "DDPMScheduler")]
     index["unet"] = ["diffusers", type(modules["unet"]).__name__]
     index["vae_decoder"] = ["diffusers", "AutoencoderKL"]
     index["vae_encoder"] = ["diffusers", "AutoencoderKL"]
@@ -150,14 +180,18 @@ def _ordinary_permissions(folder: Path) -> None:
         path.chmod((0o755 if path.is_dir() else 0o644) & ~umask)
 
 
-def export(model: str, out, dtype: str = "fp32", overwrite: bool = False, log=print) -> Path:
-    """Export MODEL (preset, diffusers folder or Hub id) to the artifact folder OUT."""
+def export(model: str, out, dtype: str = "fp32", overwrite: bool = False, log=print,
+           safety_checker: bool = True) -> Path:
+    """Export MODEL (preset, diffusers folder or Hub id) to the artifact folder OUT; `safety_checker=False`
+    leaves out the model's safety checker (`sd-export --no-safety-checker`)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
-    source = load_source(model)
+    source = load_source(model, lazy=True)  # one component's weights in memory at a time
+    if not safety_checker:
+        _without_safety_checker(source)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"

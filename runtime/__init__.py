@@ -2,14 +2,24 @@
 
 from .feature_extractors import CLIPImageProcessor, DPTImageProcessor
 from .image_processor import VaeImageProcessor
+from .image_processor_ldm3d import VaeImageProcessorLDM3D
 from .pipelines import (
+    ImagePipelineOutput,
+    StableDiffusionLatentUpscalePipeline,
+    StableDiffusionUpscalePipeline,
+    VaeTiling,
     OnnxDiffusionPipeline,
     NumericalError,
     StableDiffusionDepth2ImgPipeline,
     StableDiffusionImageVariationPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
+    LDM3DPipelineOutput,
+    StableDiffusionLDM3DPipeline,
+    SafetyConfig,
     StableDiffusionPipeline,
+    StableDiffusionPipelineSafe,
+    StableDiffusionSafePipelineOutput,
     StableDiffusionPipelineOutput,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
@@ -21,6 +31,10 @@ from .sessions import OnnxModel
 from .tokenizer import CLIPTokenizer
 
 __all__ = [
+    "ImagePipelineOutput",
+    "StableDiffusionLatentUpscalePipeline",
+    "StableDiffusionUpscalePipeline",
+    "VaeTiling",
     "CLIPImageProcessor",
     "CLIPTokenizer",
     "DPTImageProcessor",
@@ -32,7 +46,13 @@ __all__ = [
     "StableDiffusionImageVariationPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
+    "LDM3DPipelineOutput",
+    "StableDiffusionLDM3DPipeline",
+    "VaeImageProcessorLDM3D",
+    "SafetyConfig",
     "StableDiffusionPipeline",
+    "StableDiffusionPipelineSafe",
+    "StableDiffusionSafePipelineOutput",
     "StableDiffusionPipelineOutput",
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",

@@ -3,6 +3,7 @@
     sdort txt2img --model models/sd15 "a fox in the snow" --steps 30 --seed 42 -o fox.png
     sdort img2img --model models/sd15 "a fox, oil painting" --image fox.png --strength 0.6 -o oil.png
     sdort txt2img --model models/sdxl "a fox" --refiner models/sdxl-refiner --high-noise-frac 0.8
+    sdort upscale --model models/x4-upscaler --image low.png --noise-level 20 -o x4.png
 
 The pipeline follows the folder's model_index.json: an SDXL folder runs diffusers' SDXL pipelines.
 Defaults (guidance, strength) are the pipeline's own, as in diffusers.
@@ -39,18 +40,38 @@ TASKS = {
     "inpaint": ("StableDiffusionInpaintPipeline", "repaint the white part of a mask", True),
     "depth2img": ("StableDiffusionDepth2ImgPipeline", "image to image guided by depth (SD 2 depth models)", True),
     "variation": ("StableDiffusionImageVariationPipeline", "variations of an image (CLIP image embeddings)", False),
+    "upscale": ("StableDiffusionUpscalePipeline", "upscale an image x4 (stable-diffusion-x4-upscaler models)", True),
+    "latent-upscale": ("StableDiffusionLatentUpscalePipeline", "upscale an image x2 in latent space "
+                       "(sd-x2-latent-upscaler models)", True),
 }
+
+
+# Safe Latent Diffusion's options (txt2img on a StableDiffusionPipelineSafe folder): flag, type, meaning.
+SAFE_CLASS = "StableDiffusionPipelineSafe"
+SLD_OPTIONS = (
+    ("--sld-guidance-scale", float, "safety guidance scale; below 1 turns safety guidance off"),
+    ("--sld-warmup-steps", int, "steps before safety guidance applies"),
+    ("--sld-threshold", float, "how far from the safety concept a prediction must be to be left alone"),
+    ("--sld-momentum-scale", float, "how much of the safety momentum is added each step"),
+    ("--sld-mom-beta", float, "how much of the previous momentum is kept"),
+)
 
 
 def _add_task(parser: argparse.ArgumentParser, task: str) -> None:
     takes_prompt = TASKS[task][2]
-    if takes_prompt:
+    if task in ("upscale", "latent-upscale"):  # the picture is given: the prompt only steers the details
+        parser.add_argument("prompt", nargs="?", default="", help="what the image shows (default: empty)")
+    elif takes_prompt:
         parser.add_argument("prompt", help="what to draw")
     parser.add_argument("--model", required=True, help="folder written by sd-export (or Optimum)")
     if takes_prompt:
         parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
-        parser.add_argument("--clip-skip", type=int, default=None,
-                            help="text encoder layers to skip from the end for the prompt (diffusers' clip_skip)")
+        if task != "latent-upscale":  # diffusers' latent upscaler has no clip_skip
+            parser.add_argument("--clip-skip", type=int, default=None,
+                                help="text encoder layers to skip from the end for the prompt (diffusers' clip_skip)")
+    if task == "upscale":
+        parser.add_argument("--noise-level", type=int, default=None,
+                            help="noise added to the low-res image, in [0, max_noise_level] (default 20)")
     if task in XL_TASKS:
         parser.add_argument("--prompt-2", default=None, help="SDXL: the prompt for the second text encoder")
         parser.add_argument("--negative-prompt-2", default=None, help="SDXL: the second encoder's negative prompt")
@@ -59,6 +80,11 @@ def _add_task(parser: argparse.ArgumentParser, task: str) -> None:
                             help="SDXL: a refiner folder that finishes the last part of the schedule")
         parser.add_argument("--high-noise-frac", type=float, default=0.8,
                             help="SDXL with --refiner: the fraction of the schedule the base runs (default 0.8)")
+        for option, kind, meaning in SLD_OPTIONS:
+            parser.add_argument(option, type=kind, default=None,
+                                help=f"Safe SD models: {meaning} (default: the pipeline's, or --safety-config's)")
+        parser.add_argument("--safety-config", choices=("weak", "medium", "strong", "max"), default=None,
+                            help="Safe SD models: one of diffusers' SafetyConfig presets of the --sld-* values")
     if task != "txt2img":
         parser.add_argument("--image", required=True, help="the starting image")
     if task == "inpaint":
@@ -71,7 +97,8 @@ def _add_task(parser: argparse.ArgumentParser, task: str) -> None:
         parser.add_argument("--strength", type=float, default=None,
                             help="how much of the image is redrawn, in [0, 1] (default: the pipeline's, "
                                  "0.8 for SD img2img, 1.0 for SD inpaint, 0.3 and 0.9999 for SDXL)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps (default: the pipeline's, 50; 75 for the upscalers)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale (default: the pipeline's, 7.5; 5.0 for SDXL)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, recorded in the PNG)")
@@ -83,6 +110,9 @@ def _add_task(parser: argparse.ArgumentParser, task: str) -> None:
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--scheduler", default=None, help="scheduler class or short name (see `sdort schedulers`)")
     parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--vae-tiling", action="store_true",
+                        help="decode (and encode) large images in overlapping tiles, as diffusers' enable_tiling()")
+    parser.add_argument("--vae-slicing", action="store_true", help="decode (and encode) one image at a time")
     parser.add_argument("-o", "--output", default="out.png", help="PNG to write; several images get -1, -2, ...")
 
 
@@ -187,9 +217,60 @@ def is_xl_folder(model: str) -> bool:
         (index.get("text_encoder_2") or [None])[0])
 
 
+# A folder whose model_index.json names this class runs txt2img with it: RGB and a depth map.
+LDM3D_CLASS = "StableDiffusionLDM3DPipeline"
+
+
+def is_ldm3d_folder(task: str, model: str) -> bool:
+    """Whether `task` on this folder runs LDM3D (its model_index.json `_class_name`), which writes a
+    16-bit depth PNG beside each RGB one."""
+    from .model_files import read_json
+
+    index_path = Path(model) / "model_index.json"
+    return task == "txt2img" and index_path.is_file() and read_json(index_path).get("_class_name") == LDM3D_CLASS
+
+
+def depth_paths(paths: list[Path]) -> list[Path]:
+    """out.png -> out-depth.png (out-1.png -> out-1-depth.png): where LDM3D's depth maps go."""
+    return [path.with_name(f"{path.stem}-depth{path.suffix}") for path in paths]
+
+
+def is_safe_folder(task: str, model: str) -> bool:
+    """Whether `task` on this folder runs Safe Latent Diffusion (its model_index.json `_class_name`)."""
+    from .model_files import read_json
+
+    index_path = Path(model) / "model_index.json"
+    return task == "txt2img" and index_path.is_file() and read_json(index_path).get("_class_name") == SAFE_CLASS
+
+
+def add_sld_inputs(args, inputs: dict) -> None:
+    """The --sld-* values (and --safety-config's) for a Safe SD folder; refused for other models.
+    The Safe pipeline has no clip_skip, as diffusers'."""
+    given = {option[2:].replace("-", "_"): getattr(args, option[2:].replace("-", "_"), None)
+             for option, _, _ in SLD_OPTIONS}
+    given = {name: value for name, value in given.items() if value is not None}
+    preset = getattr(args, "safety_config", None)
+    if not is_safe_folder(args.command, args.model):
+        if given or preset:
+            flag = "--safety-config" if preset else f"--{next(iter(given)).replace('_', '-')}"
+            raise ValueError(f"{flag}: only Safe SD models ({SAFE_CLASS} in model_index.json) take it")
+        return
+    if inputs.pop("clip_skip", None) is not None:
+        raise ValueError(f"--clip-skip: {SAFE_CLASS} has no clip_skip")
+    if preset:
+        from .pipelines.safe import SafetyConfig
+
+        inputs.update(getattr(SafetyConfig, preset.upper()))
+    inputs.update(given)
+
+
 def pipeline_class_name(task: str, model: str) -> str:
     if task in XL_TASKS and is_xl_folder(model):
         return XL_TASKS[task]
+    if is_ldm3d_folder(task, model):
+        return LDM3D_CLASS
+    if is_safe_folder(task, model):
+        return SAFE_CLASS
     return TASKS[task][0]
 
 
@@ -197,7 +278,9 @@ def task_inputs(args, xl: bool) -> dict:
     """The pipeline arguments a task adds to the common ones, read from the command line."""
     kwargs = {}
     if getattr(args, "prompt", None) is not None:
-        kwargs.update(prompt=args.prompt, negative_prompt=args.negative_prompt, clip_skip=args.clip_skip)
+        kwargs.update(prompt=args.prompt, negative_prompt=args.negative_prompt)
+        if hasattr(args, "clip_skip"):
+            kwargs["clip_skip"] = args.clip_skip
     for name in ("prompt_2", "negative_prompt_2"):
         if getattr(args, name, None) is not None:
             if not xl:
@@ -219,6 +302,8 @@ def task_inputs(args, xl: bool) -> dict:
         if not Path(args.depth_map).is_file():
             raise FileNotFoundError(f"--depth-map: {args.depth_map} not found")
         kwargs["depth_map"] = args.depth_map
+    if getattr(args, "noise_level", None) is not None:
+        kwargs["noise_level"] = args.noise_level
     if getattr(args, "strength", None) is not None:
         kwargs["strength"] = args.strength
     if hasattr(args, "height"):
@@ -243,21 +328,36 @@ def call_default(pipe, name: str):
 def generate(args) -> int:
     paths = output_paths(args.output, args.num_images)
     check_writable(paths)
+    ldm3d = is_ldm3d_folder(args.command, args.model)
+    if ldm3d:
+        check_writable(depth_paths(paths))
     xl = is_xl_folder(args.model)
     inputs = task_inputs(args, xl)  # read the input files before loading the model
+    add_sld_inputs(args, inputs)
     refiner = None
     if getattr(args, "refiner", None) is not None:
         if not Path(args.refiner).is_dir():
             raise FileNotFoundError(f"--refiner: {args.refiner}: no such model folder")
         refiner = load_pipeline(XL_TASKS["img2img"], args, args.refiner)
     pipe = load_pipeline(pipeline_class_name(args.command, args.model), args, args.model)
+    for switch, enable in ((args.vae_tiling, pipe.enable_vae_tiling), (args.vae_slicing, pipe.enable_vae_slicing)):
+        if switch:
+            enable()
     guidance = args.guidance if args.guidance is not None else call_default(pipe, "guidance_scale")
     seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**32)
     generator = make_generator(args.rng, seed)
+    if args.steps is None:
+        args.steps = call_default(pipe, "num_inference_steps")
     common = dict(num_inference_steps=args.steps, guidance_scale=guidance, num_images_per_prompt=args.num_images,
                   generator=generator)
+    if "num_images_per_prompt" not in inspect.signature(pipe.__call__).parameters:  # the latent upscaler
+        if args.num_images != 1:
+            raise ValueError(f"--num-images: {type(pipe).__name__} makes one image per prompt")
+        del common["num_images_per_prompt"]
     if refiner is None:
-        images = pipe(**common, **inputs).images
+        output = pipe(**common, **inputs)
+        # LDM3D gives RGB images and depth maps (16-bit "I;16" PIL images) where others give images
+        images, depths = (output.rgb, output.depth) if ldm3d else (output.images, None)
     else:
         # diffusers' two-stage SDXL: the base stops at high_noise_frac and hands its latents over;
         # the refiner continues the same generator and finishes the schedule
@@ -272,7 +372,7 @@ def generate(args) -> int:
         "software": "sdort",
     }
     for name in ("prompt_2", "negative_prompt_2", "clip_skip", "image", "mask", "depth_map", "strength",
-                 "padding_mask_crop", "refiner"):
+                 "padding_mask_crop", "refiner", "noise_level"):
         if getattr(args, name, None) is not None:
             parameters[name] = getattr(args, name)
     if refiner is not None:
@@ -281,7 +381,11 @@ def generate(args) -> int:
         parameters["strength"] = inputs.get("strength", call_default(pipe, "strength"))
     paths = output_paths(args.output, len(images))
     save_images(images, paths, parameters)
-    for path in paths:
+    written = paths
+    if ldm3d:
+        save_images(depths, depth_paths(paths), parameters)
+        written = [path for pair in zip(paths, depth_paths(paths)) for path in pair]
+    for path in written:
         print(path)
     return 0
 

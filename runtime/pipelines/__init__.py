@@ -12,13 +12,23 @@ from .depth_to_image import StableDiffusionDepth2ImgPipeline
 from .image_to_image import StableDiffusionImg2ImgPipeline
 from .image_variation import StableDiffusionImageVariationPipeline
 from .inpaint import StableDiffusionInpaintPipeline
+from .safe import SafetyConfig, StableDiffusionPipelineSafe, StableDiffusionSafePipelineOutput
+from .safety_checker import SafetyCheckedPipeline
+from .ldm3d import LDM3DPipelineOutput, StableDiffusionLDM3DPipeline
 from .sdxl import StableDiffusionXLPipelineOutput
 from .sdxl_image_to_image import StableDiffusionXLImg2ImgPipeline
 from .sdxl_inpaint import StableDiffusionXLInpaintPipeline
 from .sdxl_text_to_image import StableDiffusionXLPipeline
 from .text_to_image import StableDiffusionPipeline
+from .upscale import StableDiffusionUpscalePipeline
+from .latent_upscale import ImagePipelineOutput, StableDiffusionLatentUpscalePipeline
+from .vae import VaeTiling
 
 __all__ = [
+    "ImagePipelineOutput",
+    "StableDiffusionLatentUpscalePipeline",
+    "StableDiffusionUpscalePipeline",
+    "VaeTiling",
     "OnnxDiffusionPipeline",
     "TextConditionedPipeline",
     "NumericalError",
@@ -26,7 +36,13 @@ __all__ = [
     "StableDiffusionImageVariationPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
+    "LDM3DPipelineOutput",
+    "StableDiffusionLDM3DPipeline",
+    "SafetyCheckedPipeline",
+    "SafetyConfig",
     "StableDiffusionPipeline",
+    "StableDiffusionPipelineSafe",
+    "StableDiffusionSafePipelineOutput",
     "StableDiffusionPipelineOutput",
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",

@@ -28,6 +28,7 @@ from ..tokenizer import CLIPTokenizer
 from .checks import check_common_inputs, check_finite, check_finite_output, memory_bytes
 from .guidance import ClassifierFreeGuidance
 from .prompts import PromptEncoder
+from .vae import VaeCalls
 
 logger = logging.getLogger("sdort")
 
@@ -35,7 +36,8 @@ logger = logging.getLogger("sdort")
 class StableDiffusionPipelineOutput:
     """As diffusers' output: `images` (PIL list or NHWC float32 array, or latents) and the safety flags.
 
-    sdort ships no safety checker, so `nsfw_content_detected` is always None.
+    `nsfw_content_detected`: one boolean per image (True: flagged, and returned black) when the model
+    has a safety checker and the pipeline runs it (see `safety_checker.py`); None otherwise.
     """
 
     images: object
@@ -112,7 +114,7 @@ def unet_in_channels(unet) -> int | None:
     return int(channels) if isinstance(channels, (int, np.integer)) else None
 
 
-class OnnxDiffusionPipeline:
+class OnnxDiffusionPipeline(VaeCalls):
     """Base of sdort's Stable Diffusion pipelines: the loaded parts and the shared denoising machinery.
 
     What conditions the UNet is the task's own piece: prompts for `TextConditionedPipeline`
@@ -305,8 +307,7 @@ class OnnxDiffusionPipeline:
             raise ValueError(f"{type(self).__name__}: this task needs the 'vae_encoder' part, which the model lacks")
         if isinstance(generator, list):
             return np.concatenate([self.encode_image(image[i:i + 1], g) for i, g in enumerate(generator)])
-        outputs = self.vae_encoder(sample=image)
-        params = outputs.get("latent_parameters", next(iter(outputs.values()))).astype(np.float32)
+        params = self.vae_encode(image)  # tiled and sliced where enabled (vae.py)
         channels = self.vae_decoder.config.get("latent_channels", 4)
         # diffusers draws this noise from `generator` whatever the graph does with it (below).
         noise = randn_tensor((params.shape[0], channels, *params.shape[2:]), generator=generator,
@@ -465,14 +466,27 @@ class OnnxDiffusionPipeline:
                     embeds_on_device = self.unet.to_device("encoder_hidden_states", embeds)
         return latents
 
-    def decode(self, latents: np.ndarray, output_type: str):
-        """VAE decoding and postprocessing, as diffusers: decode(latents / scaling_factor), then [0, 1]."""
+    def decode(self, latents: np.ndarray, output_type: str, return_nsfw: bool = False):
+        """VAE decoding and postprocessing, as diffusers: decode(latents / scaling_factor), then [0, 1].
+
+        Between the two, `run_safety_checker` (diffusers' place for it); flagged images are left
+        un-denormalised, so their zeros come out black (diffusers' `do_denormalize`). With
+        `return_nsfw`, returns (images, nsfw_content_detected): None for latents or without a checker.
+        """
         if output_type == "latent":
-            return latents
+            return (latents, None) if return_nsfw else latents
         check_finite_output(latents, "the denoising loop", "in the final latents")
-        image = self.vae_decoder(latent_sample=self.unscale_latents(latents))["sample"].astype(np.float32)
+        image = self.vae_decode(self.unscale_latents(latents))  # tiled and sliced where enabled (vae.py)
         check_finite_output(image, "vae_decoder", "when decoding the latents")
-        return self.image_processor.postprocess(image, output_type=output_type)
+        image, has_nsfw = self.run_safety_checker(image)
+        do_denormalize = None if has_nsfw is None else [not flagged for flagged in has_nsfw]
+        images = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+        return (images, has_nsfw) if return_nsfw else images
+
+    def run_safety_checker(self, image: np.ndarray):
+        """(images, None): the pipelines diffusers gives no safety checker check nothing; those it
+        does get `SafetyCheckedPipeline.run_safety_checker`."""
+        return image, None
 
     def unscale_latents(self, latents: np.ndarray) -> np.ndarray:
         """What the VAE decoder takes: latents / scaling_factor."""

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
 from .checks import check_strength
+from .safety_checker import SafetyCheckedPipeline
 
 
-class StableDiffusionImg2ImgPipeline(TextConditionedPipeline):
+class StableDiffusionImg2ImgPipeline(SafetyCheckedPipeline, TextConditionedPipeline):
     """Image-to-image with diffusers' parameters, defaults and output."""
 
     required_parts = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -57,5 +58,7 @@ class StableDiffusionImg2ImgPipeline(TextConditionedPipeline):
             generator=generator, eta=eta, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        images = self.decode(latents, output_type)
-        return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)
+        images, has_nsfw = self.decode(latents, output_type, return_nsfw=True)
+        if not return_dict:
+            return (images, has_nsfw)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=has_nsfw)

@@ -15,6 +15,7 @@ from PIL import Image
 from ..feature_extractors import CLIPImageProcessor
 from .base import OnnxDiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
 from .checks import check_generation_inputs
+from .safety_checker import SafetyCheckedPipeline
 
 
 def check_variation_inputs(image, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
@@ -31,7 +32,7 @@ def check_variation_inputs(image, height, width, num_inference_steps, guidance_s
         raise ValueError(f"callback_steps must be a positive integer; got {callback_steps!r}")
 
 
-class StableDiffusionImageVariationPipeline(OnnxDiffusionPipeline):
+class StableDiffusionImageVariationPipeline(SafetyCheckedPipeline, OnnxDiffusionPipeline):
     """Variations of an image, with diffusers' parameters, defaults and output.
 
     Parts: `image_encoder` (CLIP vision model with projection: pixel_values -> image_embeds),
@@ -128,5 +129,7 @@ class StableDiffusionImageVariationPipeline(OnnxDiffusionPipeline):
 
         latents = self.denoise(latents, timesteps, scheduler, embeds, negative, guidance_scale,
                                generator=generator, eta=eta, after_step=after_step)
-        images = self.decode(latents, output_type)
-        return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)
+        images, has_nsfw = self.decode(latents, output_type, return_nsfw=True)
+        if not return_dict:
+            return (images, has_nsfw)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=has_nsfw)

@@ -25,6 +25,7 @@ from ..image_processor import VaeImageProcessor
 from ..randomness import randn_tensor
 from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps, tile_to_batch
 from .checks import check_strength
+from .safety_checker import SafetyCheckedPipeline
 
 # The tensors this task adds to what callbacks may read and replace.
 MASK_TENSOR_INPUTS = ("mask", "masked_image_latents")
@@ -189,7 +190,7 @@ class InpaintStages:
         return self.unet_in_channels == 9
 
 
-class StableDiffusionInpaintPipeline(InpaintStages, TextConditionedPipeline):
+class StableDiffusionInpaintPipeline(SafetyCheckedPipeline, InpaintStages, TextConditionedPipeline):
     """Inpainting with diffusers' parameters, defaults and output; 9-channel inpainting UNets and
     ordinary 4-channel ones."""
 
@@ -271,11 +272,13 @@ class StableDiffusionInpaintPipeline(InpaintStages, TextConditionedPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
 
         # 6. Decode, and paste a padding_mask_crop region back over the original.
-        images = self.decode(latents, output_type)
+        images, has_nsfw = self.decode(latents, output_type, return_nsfw=True)
         if padding_mask_crop is not None:
             images = [self.image_processor.apply_overlay(mask_image, image, generated, crops_coords)
                       for generated in images]
-        return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)
+        if not return_dict:
+            return (images, has_nsfw)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=has_nsfw)
 
 
 class _MaskedRegion:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
+from .safety_checker import SafetyCheckedPipeline
 
 
-class StableDiffusionPipeline(TextConditionedPipeline):
+class StableDiffusionPipeline(SafetyCheckedPipeline, TextConditionedPipeline):
     """Text-to-image, with diffusers' `StableDiffusionPipeline.__call__` parameters, defaults and output."""
 
     def __call__(
@@ -50,7 +51,7 @@ class StableDiffusionPipeline(TextConditionedPipeline):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        images = self.decode(latents, output_type)
+        images, has_nsfw = self.decode(latents, output_type, return_nsfw=True)
         if not return_dict:
-            return (images, None)
-        return StableDiffusionPipelineOutput(images=images)
+            return (images, has_nsfw)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=has_nsfw)
