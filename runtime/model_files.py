@@ -18,6 +18,7 @@ so a 2 GB model costs a few ms and only the tensors asked for are copied out of 
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import struct
 from pathlib import Path
@@ -163,29 +164,36 @@ def _graph_locations(buf, start, end, found):
             _node_locations(buf, s, e, found)
 
 
+@contextlib.contextmanager
+def _mapped(path: Path):
+    """(buffer, size) of the model file, memory-mapped; an empty file is an error naming it."""
+    with open(path, "rb") as file:
+        size = file.seek(0, 2)
+        if size == 0:
+            raise ValueError(f"{path}: empty file, not an ONNX model")
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            yield buf, size
+
+
 def external_data_locations(path: Path) -> set[str]:
     """The external-data `location`s a model file names (empty for a self-contained model).
 
     Raises ValueError naming the file when it is empty, truncated or not an ONNX protobuf.
     """
     found: set[str] = set()
-    with open(path, "rb") as file:
-        size = file.seek(0, 2)
-        if size == 0:
-            raise ValueError(f"{path}: empty file, not an ONNX model")
-        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            try:
-                has_graph = False
-                for number, s, e in _fields(buf, 0, size):
-                    if number == _MODEL_GRAPH:
-                        has_graph = True
-                        _graph_locations(buf, s, e, found)
-                    elif number == _MODEL_FUNCTIONS:
-                        for fn_number, a, b in _fields(buf, s, e):
-                            if fn_number == _FUNCTION_NODES:
-                                _node_locations(buf, a, b, found)
-            except _Corrupt:
-                has_graph = False
+    with _mapped(path) as (buf, size):
+        try:
+            has_graph = False
+            for number, s, e in _fields(buf, 0, size):
+                if number == _MODEL_GRAPH:
+                    has_graph = True
+                    _graph_locations(buf, s, e, found)
+                elif number == _MODEL_FUNCTIONS:
+                    for fn_number, a, b in _fields(buf, s, e):
+                        if fn_number == _FUNCTION_NODES:
+                            _node_locations(buf, a, b, found)
+        except _Corrupt:
+            has_graph = False
     if not has_graph:
         raise ValueError(f"{path}: not a valid ONNX model (truncated or corrupt); export it again")
     return found
@@ -463,15 +471,11 @@ def layer_norm_feeding(path: Path, output: str = "last_hidden_state") -> tuple[n
     other axes, or when the file is not a valid ONNX model; FileNotFoundError for missing weights.
     """
     path = Path(path)
-    with open(path, "rb") as file:
-        size = file.seek(0, 2)
-        if size == 0:
-            raise ValueError(f"{path}: empty file, not an ONNX model")
-        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            try:
-                return _layer_norm_feeding(buf, size, path, output)
-            except _Corrupt:
-                raise ValueError(f"{path}: not a valid ONNX model (truncated or corrupt); export it again") from None
+    with _mapped(path) as (buf, size):
+        try:
+            return _layer_norm_feeding(buf, size, path, output)
+        except _Corrupt:
+            raise ValueError(f"{path}: not a valid ONNX model (truncated or corrupt); export it again") from None
 
 
 def _layer_norm_feeding(buf, size: int, path: Path, output: str) -> tuple[np.ndarray, np.ndarray, float]:

@@ -16,6 +16,7 @@ from ..feature_extractors import CLIPImageProcessor
 from .base import OnnxDiffusionPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
 from .checks import check_generation_inputs
 from .safety_checker import SafetyCheckedPipeline
+from .step_callbacks import check_callback_steps, legacy_callback
 
 
 def check_variation_inputs(image, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
@@ -28,8 +29,7 @@ def check_variation_inputs(image, height, width, num_inference_steps, guidance_s
     if isinstance(image, list) and not image:
         raise ValueError("image: the list is empty")
     check_generation_inputs(height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type)
-    if not isinstance(callback_steps, (int, np.integer)) or callback_steps <= 0:
-        raise ValueError(f"callback_steps must be a positive integer; got {callback_steps!r}")
+    check_callback_steps(callback_steps)
 
 
 class StableDiffusionImageVariationPipeline(SafetyCheckedPipeline, OnnxDiffusionPipeline):
@@ -117,15 +117,8 @@ class StableDiffusionImageVariationPipeline(SafetyCheckedPipeline, OnnxDiffusion
         timesteps = scheduler.timesteps
         latents = self.prepare_latents(self.latent_shape(total, height, width), generator, latents, scheduler)
 
-        after_step = None
-        if callback is not None:
-            order = getattr(scheduler, "order", 1)
-            warmup = len(timesteps) - num_inference_steps * order
-
-            def after_step(i, t, step_latents):  # when diffusers' progress bar advances
-                if (i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0)) and i % callback_steps == 0:
-                    callback(i // order, t, step_latents)
-                return step_latents
+        after_step = legacy_callback(callback, callback_steps, timesteps, num_inference_steps,
+                                     getattr(scheduler, "order", 1))
 
         latents = self.denoise(latents, timesteps, scheduler, embeds, negative, guidance_scale,
                                generator=generator, eta=eta, after_step=after_step)

@@ -18,6 +18,7 @@ import numpy as np
 from .base import TextConditionedPipeline, retrieve_timesteps
 from .checks import check_common_inputs, check_finite
 from .safety_checker import SafetyCheckedPipeline, check_images, logger
+from .step_callbacks import check_callback_steps, legacy_callback
 
 # diffusers' default safety concept (`StableDiffusionPipelineSafe.__init__`).
 DEFAULT_SAFETY_CONCEPT = (
@@ -99,8 +100,7 @@ def check_sld_inputs(sld_guidance_scale, sld_warmup_steps, sld_threshold, sld_mo
     if isinstance(sld_warmup_steps, bool) or not isinstance(sld_warmup_steps, (int, np.integer)) \
             or sld_warmup_steps < 0:
         raise ValueError(f"sld_warmup_steps must be an integer >= 0; got {sld_warmup_steps!r}")
-    if isinstance(callback_steps, bool) or not isinstance(callback_steps, (int, np.integer)) or callback_steps <= 0:
-        raise ValueError(f"callback_steps must be a positive integer; got {callback_steps!r}")
+    check_callback_steps(callback_steps)
 
 
 class StableDiffusionPipelineSafe(SafetyCheckedPipeline, TextConditionedPipeline):
@@ -209,15 +209,8 @@ class StableDiffusionPipelineSafe(SafetyCheckedPipeline, TextConditionedPipeline
         timesteps = scheduler.timesteps
         latents = self.prepare_latents(self.latent_shape(total, height, width), generator, latents, scheduler)
 
-        after_step = None
-        if callback is not None:
-            order = getattr(scheduler, "order", 1)
-            warmup = len(timesteps) - num_inference_steps * order
-
-            def after_step(i, t, step_latents):  # when diffusers' progress bar advances
-                if (i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0)) and i % callback_steps == 0:
-                    callback(i // order, t, step_latents)
-                return step_latents
+        after_step = legacy_callback(callback, callback_steps, timesteps, num_inference_steps,
+                                     getattr(scheduler, "order", 1))
 
         latents = self.denoise(latents, timesteps, scheduler, prompt_embeds, negative_prompt_embeds if do_cfg else None,
                                guidance_scale, generator=generator, eta=eta, guidance=guidance,

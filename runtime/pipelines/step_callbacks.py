@@ -1,6 +1,6 @@
 """diffusers' older per-step callback, `callback(step, timestep, latents)` every `callback_steps`
-steps, as an `after_step` hook of the denoising loop (the pipelines that still take it: the x4 and
-latent x2 upscalers)."""
+steps, as an `after_step` hook of the denoising loop (the pipelines that still take it: image
+variation, Safe SD, the x4 and latent x2 upscalers)."""
 
 from __future__ import annotations
 
