@@ -93,7 +93,8 @@ def traceable_k_resampling(model) -> None:
 
 class _UNetTimestepCond(_UNet):
     """A UNet with `time_cond_proj_dim`: `timestep_cond` [B, dim] is projected and added to the time
-    embedding (the latent x2 upscaler's noise-level and pooled-text condition)."""
+    embedding (the latent x2 upscaler's noise-level and pooled-text condition, or an LCM UNet's
+    guidance-scale embedding; its other inputs are the plain SD ones)."""
 
     def __init__(self, model):
         super().__init__(model)

@@ -5,6 +5,8 @@ from .image_processor import VaeImageProcessor
 from .image_processor_ldm3d import VaeImageProcessorLDM3D
 from .pipelines import (
     ImagePipelineOutput,
+    LatentConsistencyModelImg2ImgPipeline,
+    LatentConsistencyModelPipeline,
     StableDiffusionLatentUpscalePipeline,
     StableDiffusionUpscalePipeline,
     VaeTiling,
@@ -32,6 +34,8 @@ from .tokenizer import CLIPTokenizer
 
 __all__ = [
     "ImagePipelineOutput",
+    "LatentConsistencyModelImg2ImgPipeline",
+    "LatentConsistencyModelPipeline",
     "StableDiffusionLatentUpscalePipeline",
     "StableDiffusionUpscalePipeline",
     "VaeTiling",

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..schedulers import SCHEDULER_NAMES, scheduler_from_name
+from . import png_info
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,14 +115,22 @@ def _add_task(parser: argparse.ArgumentParser, task: str) -> None:
                         help="decode (and encode) large images in overlapping tiles, as diffusers' enable_tiling()")
     parser.add_argument("--vae-slicing", action="store_true", help="decode (and encode) one image at a time")
     parser.add_argument("-o", "--output", default="out.png", help="PNG to write; several images get -1, -2, ...")
+    parser.add_argument("--from-png", default=None, metavar="IMAGE.png",
+                        help="re-run with the parameters of a PNG sdort or A1111 wrote; options given here win")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(png_values: dict | None = None) -> argparse.ArgumentParser:
+    """The `sdort` parser; `png_values` (from --from-png) become the tasks' defaults."""
     parser = _Parser(prog="sdort", description="Stable Diffusion on ONNX Runtime, without PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for task, (_, help_text, _) in TASKS.items():
         _add_task(commands.add_parser(task, help=help_text), task)
+        if png_values:
+            png_info.apply_option_values(commands.choices[task], png_values)
     commands.add_parser("schedulers", help="list the schedulers and their short names")
+    info = commands.add_parser("info", help="print the generation parameters of a PNG sdort or A1111 wrote")
+    info.add_argument("image", help="the PNG")
+    info.add_argument("--json", action="store_true", help="print them as JSON")
     return parser
 
 
@@ -264,9 +273,24 @@ def add_sld_inputs(args, inputs: dict) -> None:
     inputs.update(given)
 
 
+# The pipelines of a latent consistency model's folder (its model_index.json `_class_name`).
+LCM_TASKS = {"txt2img": "LatentConsistencyModelPipeline", "img2img": "LatentConsistencyModelImg2ImgPipeline"}
+
+
+def is_lcm_folder(task: str, model: str) -> bool:
+    """Whether `task` on this folder runs an LCM pipeline (4 steps, guidance through the UNet)."""
+    from .model_files import read_json
+
+    index_path = Path(model) / "model_index.json"
+    return (task in LCM_TASKS and index_path.is_file()
+            and read_json(index_path).get("_class_name") in LCM_TASKS.values())
+
+
 def pipeline_class_name(task: str, model: str) -> str:
     if task in XL_TASKS and is_xl_folder(model):
         return XL_TASKS[task]
+    if is_lcm_folder(task, model):
+        return LCM_TASKS[task]
     if is_ldm3d_folder(task, model):
         return LDM3D_CLASS
     if is_safe_folder(task, model):
@@ -340,6 +364,10 @@ def generate(args) -> int:
             raise FileNotFoundError(f"--refiner: {args.refiner}: no such model folder")
         refiner = load_pipeline(XL_TASKS["img2img"], args, args.refiner)
     pipe = load_pipeline(pipeline_class_name(args.command, args.model), args, args.model)
+    if "negative_prompt" in inputs and "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+        # LCM: guidance was distilled into the UNet against the empty prompt; diffusers takes none
+        if inputs.pop("negative_prompt") is not None:
+            raise ValueError(f"--negative-prompt: {type(pipe).__name__} takes no negative prompt")
     for switch, enable in ((args.vae_tiling, pipe.enable_vae_tiling), (args.vae_slicing, pipe.enable_vae_slicing)):
         if switch:
             enable()
@@ -379,6 +407,10 @@ def generate(args) -> int:
         parameters["high_noise_frac"] = args.high_noise_frac
     if "strength" in inputs or args.command in ("img2img", "inpaint", "depth2img"):
         parameters["strength"] = inputs.get("strength", call_default(pipe, "strength"))
+    if args.scheduler:  # the name given, options (Karras sigmas...) included, for --from-png
+        parameters["scheduler_name"] = args.scheduler
+    fields = png_info.a1111_fields(parameters, pipe.scheduler)  # A1111's `parameters` text, for other tools
+    parameters[png_info.PARAMETERS_KEY] = png_info.infotext(parameters["prompt"], parameters["negative_prompt"], fields)
     paths = output_paths(args.output, len(images))
     save_images(images, paths, parameters)
     written = paths
@@ -397,12 +429,45 @@ def list_schedulers() -> int:
     return 0
 
 
+def from_png_text(argv) -> dict:
+    """The text of the PNG that --from-png names, read before the real parse so that its values
+    can become the options' defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--from-png", default=None)
+    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return png_info.read_png_text(known.from_png, "--from-png") if known.from_png else {}
+
+
+def print_info(args) -> int:
+    """`sdort info IMAGE.png`: A1111's fields, then sdort's keys, one `key: value` a line."""
+    import json
+
+    shown = png_info.describe(png_info.read_png_text(args.image, "info"))
+    if args.json:
+        print(json.dumps(shown, ensure_ascii=False, indent=2))
+        return 0
+    for title, values in (("parameters (A1111)", shown["parameters"]), ("sdort", shown["sdort"])):
+        if values:
+            print(f"{title}:")
+            for key, value in values.items():
+                print(f"  {key}: {value}")
+    return 0
+
+
 def main(argv=None) -> int:
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    args = build_parser().parse_args(argv)
+    try:
+        text = from_png_text(argv)
+        png_values = png_info.option_values(text) if text else None
+    except (ValueError, OSError) as exc:
+        print(f"sdort: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    args = build_parser(png_values).parse_args(argv)
     try:
         if args.command == "schedulers":
             return list_schedulers()
+        if args.command == "info":
+            return print_info(args)
         return generate(args)
     except (ValueError, OSError, FloatingPointError) as exc:  # FloatingPointError: sdort's NumericalError
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

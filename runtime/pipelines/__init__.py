@@ -22,10 +22,13 @@ from .sdxl_text_to_image import StableDiffusionXLPipeline
 from .text_to_image import StableDiffusionPipeline
 from .upscale import StableDiffusionUpscalePipeline
 from .latent_upscale import ImagePipelineOutput, StableDiffusionLatentUpscalePipeline
+from .lcm import LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline
 from .vae import VaeTiling
 
 __all__ = [
     "ImagePipelineOutput",
+    "LatentConsistencyModelImg2ImgPipeline",
+    "LatentConsistencyModelPipeline",
     "StableDiffusionLatentUpscalePipeline",
     "StableDiffusionUpscalePipeline",
     "VaeTiling",

@@ -99,7 +99,8 @@ def tile_to_batch(array: np.ndarray, batch: int, name: str) -> np.ndarray:
 
 
 # The names diffusers' callbacks give the UNet's added inputs.
-_CALLBACK_NAMES = {"text_embeds": "add_text_embeds", "time_ids": "add_time_ids"}
+# (LCM's guidance-scale embedding, `timestep_cond`, is its `w_embedding`.)
+_CALLBACK_NAMES = {"text_embeds": "add_text_embeds", "time_ids": "add_time_ids", "timestep_cond": "w_embedding"}
 
 # What a UNet's extra input channels (beyond the latents) say about the task it was trained for.
 UNET_KINDS = {0: "a text-to-image UNet: sdort txt2img or img2img", 5: "an inpainting UNet: sdort inpaint",
@@ -391,6 +392,7 @@ class OnnxDiffusionPipeline(VaeCalls):
         extra_embeds=(),
         unet_timestep: Callable | None = None,
         model_output: Callable | None = None,
+        return_denoised: bool = False,
     ) -> np.ndarray:
         """The denoising loop shared by every task, as diffusers' pipelines run it.
 
@@ -410,6 +412,10 @@ class OnnxDiffusionPipeline(VaeCalls):
         *extra_embeds]`. `unet_timestep(i, t)` is the timestep the UNet gets (default `t`), and
         `model_output(i, t, noise_pred, latents)` turns the UNet's raw output into the prediction the
         scheduler takes (default: as it is), before guidance.
+
+        `return_denoised`: return the scheduler's last `denoised` output (the LCM scheduler's x_0
+        estimate) instead of the latents, as diffusers' LCM pipelines decode it; each step still
+        continues from `prev_sample`, and callbacks may read and replace `denoised`.
         """
         self.check_unet_kind(latents.shape[1] + (0 if conditioning is None else conditioning.shape[1]))
         check_finite("eta", eta)
@@ -446,15 +452,25 @@ class OnnxDiffusionPipeline(VaeCalls):
                 noise_pred = model_output(i, t, noise_pred, latents)
             if guidance is not None:
                 noise_pred = guidance.combine(i, t, noise_pred)
-            latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            step_output = scheduler.step(noise_pred, t, latents, **step_kwargs)
+            latents = step_output.prev_sample
+            if return_denoised:
+                denoised = getattr(step_output, "denoised", None)
+                if denoised is None:
+                    raise ValueError(f"scheduler: {type(scheduler).__name__}'s step gives no `denoised` "
+                                     f"output; this pipeline needs LCMScheduler")
             if after_step is not None:
                 latents = after_step(i, t, latents)
             if callback_on_step_end is not None:
                 # As in diffusers, `prompt_embeds` here is the batch the UNet sees (negative first).
                 values = {"latents": latents, "prompt_embeds": embeds, "negative_prompt_embeds": negative_prompt_embeds,
                           **{_CALLBACK_NAMES.get(name, name): value for name, value in added_inputs.items()}}
+                if return_denoised:
+                    values["denoised"] = denoised
                 changed = callback_on_step_end(self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs}) or {}
                 latents = changed.get("latents", latents)
+                if return_denoised:
+                    denoised = changed.get("denoised", denoised)
                 for name in added_inputs:
                     if _CALLBACK_NAMES.get(name, name) in changed:
                         added_inputs[name] = changed[_CALLBACK_NAMES.get(name, name)]
@@ -464,7 +480,7 @@ class OnnxDiffusionPipeline(VaeCalls):
                 if "prompt_embeds" in changed:
                     embeds = changed["prompt_embeds"]
                     embeds_on_device = self.unet.to_device("encoder_hidden_states", embeds)
-        return latents
+        return denoised if return_denoised else latents
 
     def decode(self, latents: np.ndarray, output_type: str, return_nsfw: bool = False):
         """VAE decoding and postprocessing, as diffusers: decode(latents / scaling_factor), then [0, 1].

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
+from .guidance_embedding import guidance_inputs, time_cond_proj_dim
 from .safety_checker import SafetyCheckedPipeline
 
 
@@ -36,8 +37,9 @@ class StableDiffusionPipeline(SafetyCheckedPipeline, TextConditionedPipeline):
         total, generator = self.check_inputs(
             prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, negative_prompt,
             prompt_embeds, negative_prompt_embeds, output_type, generator, callback_on_step_end_tensor_inputs)
-        # diffusers: no classifier-free guidance at guidance_scale <= 1
-        do_cfg = guidance_scale > 1
+        # diffusers: no classifier-free guidance at guidance_scale <= 1, nor with a UNet distilled for
+        # consistency (LCM), which takes the guidance scale's embedding as `timestep_cond` instead
+        do_cfg = guidance_scale > 1 and time_cond_proj_dim(self.unet) is None
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
 
@@ -48,6 +50,7 @@ class StableDiffusionPipeline(SafetyCheckedPipeline, TextConditionedPipeline):
         latents = self.denoise(
             latents, scheduler.timesteps, scheduler, prompt_embeds, negative_prompt_embeds if do_cfg else None,
             guidance_scale, guidance_rescale, generator=generator, eta=eta,
+            added_inputs=guidance_inputs(self.unet, guidance_scale, total),
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
