@@ -201,3 +201,20 @@ def test_tiny_lcm_preset_exports_and_runs(tmp_path):
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
     images = pipe("a cat", generator=0, output_type="np").images
     assert images.shape == (1, 64, 64, 3) and images.std() > 1e-3
+
+
+@pytest.mark.parametrize("task", ["StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"])
+def test_image_tasks_with_an_lcm_unet(lcm, task):
+    """diffusers' img2img and inpainting, like its text-to-image, give an LCM UNet the embedding of
+    guidance_scale - 1 as timestep_cond and run no classifier-free batch."""
+    pipe, folder = lcm
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    kwargs = dict(prompt=PROMPTS[0], image=image, num_inference_steps=4, guidance_scale=7.5, output_type="np")
+    if task == "StableDiffusionInpaintPipeline":
+        mask = np.zeros((64, 64), np.uint8)
+        mask[8:40, 16:56] = 255
+        kwargs.update(mask_image=Image.fromarray(mask), height=64, width=64, strength=0.9)
+    got = ours(task, folder)(generator=2, **kwargs).images
+    expected = reference(task, pipe)(generator=torch_generator(2), **kwargs).images
+    compare(got, expected)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
 from .checks import check_strength
+from .guidance_embedding import guidance_inputs, time_cond_proj_dim
 from .safety_checker import SafetyCheckedPipeline
 
 
@@ -44,7 +45,8 @@ class StableDiffusionImg2ImgPipeline(SafetyCheckedPipeline, TextConditionedPipel
         total, generator = self.check_inputs(
             prompt, None, None, num_inference_steps, guidance_scale, num_images_per_prompt, negative_prompt,
             prompt_embeds, negative_prompt_embeds, output_type, generator, callback_on_step_end_tensor_inputs)
-        do_cfg = guidance_scale > 1
+        # as diffusers: no classifier-free batch for an LCM UNet, which reads the guidance embedding instead
+        do_cfg = guidance_scale > 1 and time_cond_proj_dim(self.unet) is None
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
         image = self.preprocess_image(image)
@@ -55,7 +57,8 @@ class StableDiffusionImg2ImgPipeline(SafetyCheckedPipeline, TextConditionedPipel
         latents = self.noised_image_latents(image, total, generator, timesteps[:1], scheduler)
         latents = self.denoise(
             latents, timesteps, scheduler, prompt_embeds, negative_prompt_embeds if do_cfg else None, guidance_scale,
-            generator=generator, eta=eta, callback_on_step_end=callback_on_step_end,
+            generator=generator, eta=eta, added_inputs=guidance_inputs(self.unet, guidance_scale, total),
+            callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         images, has_nsfw = self.decode(latents, output_type, return_nsfw=True)

@@ -25,6 +25,7 @@ from ..image_processor import VaeImageProcessor
 from ..randomness import randn_tensor
 from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps, tile_to_batch
 from .checks import check_strength
+from .guidance_embedding import guidance_inputs, time_cond_proj_dim
 from .safety_checker import SafetyCheckedPipeline
 
 # The tensors this task adds to what callbacks may read and replace.
@@ -243,7 +244,8 @@ class StableDiffusionInpaintPipeline(SafetyCheckedPipeline, InpaintStages, TextC
         masked_image_latents = self.check_masked_image_latents(masked_image_latents, latent_shape, total)
 
         # 2. Encode the prompt.
-        do_cfg = guidance_scale > 1
+        # as diffusers: no classifier-free batch for an LCM UNet, which reads the guidance embedding instead
+        do_cfg = guidance_scale > 1 and time_cond_proj_dim(self.unet) is None
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
 
@@ -268,7 +270,7 @@ class StableDiffusionInpaintPipeline(SafetyCheckedPipeline, InpaintStages, TextC
         latents = self.denoise_masked(
             latents, noise, image_latents, mask, masked_image_latents, timesteps, scheduler, nine_channels,
             prompt_embeds, negative_prompt_embeds if do_cfg else None, guidance_scale, generator=generator, eta=eta,
-            callback_on_step_end=callback_on_step_end,
+            added_inputs=guidance_inputs(self.unet, guidance_scale, total), callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
 
         # 6. Decode, and paste a padding_mask_crop region back over the original.
