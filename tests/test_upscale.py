@@ -85,8 +85,12 @@ def run_x4(model, seed=0, scheduler=None, tiling=False, slicing=False, **kwargs)
         ours.enable_vae_slicing()
         ref.vae.enable_slicing()
     kwargs = {"num_inference_steps": 3, "image": picture(16), **kwargs}
-    got = ours(generator=seed, output_type="np", **kwargs).images
-    expected = ref(generator=reference_generator(seed), output_type="np", **kwargs).images
+    try:
+        got = ours(generator=seed, output_type="np", **kwargs).images
+        expected = ref(generator=reference_generator(seed), output_type="np", **kwargs).images
+    finally:  # the switches live on the module's shared diffusers VAE
+        ref.vae.disable_tiling()
+        ref.vae.disable_slicing()
     return got, expected
 
 
@@ -160,8 +164,11 @@ def run_x2(model, seed=0, tiling=False, image=None, reference_image=None, **kwar
         ref.vae.enable_tiling()
     kwargs = {"num_inference_steps": 3, **kwargs}
     got = ours(image=image, generator=seed, output_type="np", **kwargs).images
-    expected = ref(image=image if reference_image is None else reference_image, generator=reference_generator(seed),
-                   output_type="np", **kwargs).images
+    try:
+        expected = ref(image=image if reference_image is None else reference_image,
+                       generator=reference_generator(seed), output_type="np", **kwargs).images
+    finally:  # the switch lives on the module's shared diffusers VAE
+        ref.vae.disable_tiling()
     return got, expected
 
 
@@ -213,10 +220,13 @@ def test_image_to_image_with_vae_tiling_matches_diffusers(sd1):
     ref = diffusers.StableDiffusionImg2ImgPipeline(**reference.components)
     ref.set_progress_bar_config(disable=True)
     ours.vae.enable_tiling()
-    ref.vae.enable_tiling()
-    kwargs = dict(prompt="a harbour", image=picture(128, 7), num_inference_steps=4, strength=0.7)
-    got = ours(generator=0, output_type="np", **kwargs).images
-    expected = ref(generator=reference_generator(0), output_type="np", **kwargs).images
+    ref.vae.enable_tiling()  # on the session's shared diffusers VAE: switched off again below
+    try:
+        kwargs = dict(prompt="a harbour", image=picture(128, 7), num_inference_steps=4, strength=0.7)
+        got = ours(generator=0, output_type="np", **kwargs).images
+        expected = ref(generator=reference_generator(0), output_type="np", **kwargs).images
+    finally:
+        ref.vae.disable_tiling()
     compare(got, expected)
 
 

@@ -27,6 +27,7 @@ from ..sessions import OnnxModel
 from ..tokenizer import CLIPTokenizer
 from .checks import check_common_inputs, check_finite, check_finite_output, memory_bytes
 from .guidance import ClassifierFreeGuidance
+from .guidance_embedding import time_cond_proj_dim
 from .prompts import PromptEncoder
 from .vae import VaeCalls
 
@@ -534,6 +535,12 @@ class TextConditionedPipeline(OnnxDiffusionPipeline):
         self.check_callback_tensor_inputs(callback_on_step_end_tensor_inputs)
         total = batch * num_images_per_prompt
         return total, self.check_generator(generator, total)
+
+    def uses_classifier_free_guidance(self, guidance_scale: float) -> bool:
+        """diffusers' `do_classifier_free_guidance` for SD's text-to-image, img2img and inpainting:
+        guidance_scale > 1, and not for a UNet distilled for consistency (LCM), which reads the
+        guidance scale's embedding as `timestep_cond` instead."""
+        return guidance_scale > 1 and time_cond_proj_dim(self.unet) is None
 
     def encode_prompt(self, prompt, num_images_per_prompt: int, do_classifier_free_guidance: bool,
                       negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, clip_skip=None):

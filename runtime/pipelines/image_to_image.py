@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
 from .checks import check_strength
-from .guidance_embedding import guidance_inputs, time_cond_proj_dim
+from .guidance_embedding import guidance_inputs
 from .safety_checker import SafetyCheckedPipeline
 
 
@@ -45,8 +45,7 @@ class StableDiffusionImg2ImgPipeline(SafetyCheckedPipeline, TextConditionedPipel
         total, generator = self.check_inputs(
             prompt, None, None, num_inference_steps, guidance_scale, num_images_per_prompt, negative_prompt,
             prompt_embeds, negative_prompt_embeds, output_type, generator, callback_on_step_end_tensor_inputs)
-        # as diffusers: no classifier-free batch for an LCM UNet, which reads the guidance embedding instead
-        do_cfg = guidance_scale > 1 and time_cond_proj_dim(self.unet) is None
+        do_cfg = self.uses_classifier_free_guidance(guidance_scale)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
         image = self.preprocess_image(image)

@@ -25,7 +25,7 @@ from ..image_processor import VaeImageProcessor
 from ..randomness import randn_tensor
 from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps, tile_to_batch
 from .checks import check_strength
-from .guidance_embedding import guidance_inputs, time_cond_proj_dim
+from .guidance_embedding import guidance_inputs
 from .safety_checker import SafetyCheckedPipeline
 
 # The tensors this task adds to what callbacks may read and replace.
@@ -244,8 +244,7 @@ class StableDiffusionInpaintPipeline(SafetyCheckedPipeline, InpaintStages, TextC
         masked_image_latents = self.check_masked_image_latents(masked_image_latents, latent_shape, total)
 
         # 2. Encode the prompt.
-        # as diffusers: no classifier-free batch for an LCM UNet, which reads the guidance embedding instead
-        do_cfg = guidance_scale > 1 and time_cond_proj_dim(self.unet) is None
+        do_cfg = self.uses_classifier_free_guidance(guidance_scale)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import TextConditionedPipeline, StableDiffusionPipelineOutput, retrieve_timesteps
-from .guidance_embedding import guidance_inputs, time_cond_proj_dim
+from .guidance_embedding import guidance_inputs
 from .safety_checker import SafetyCheckedPipeline
 
 
@@ -37,9 +37,7 @@ class StableDiffusionPipeline(SafetyCheckedPipeline, TextConditionedPipeline):
         total, generator = self.check_inputs(
             prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, negative_prompt,
             prompt_embeds, negative_prompt_embeds, output_type, generator, callback_on_step_end_tensor_inputs)
-        # diffusers: no classifier-free guidance at guidance_scale <= 1, nor with a UNet distilled for
-        # consistency (LCM), which takes the guidance scale's embedding as `timestep_cond` instead
-        do_cfg = guidance_scale > 1 and time_cond_proj_dim(self.unet) is None
+        do_cfg = self.uses_classifier_free_guidance(guidance_scale)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
 

@@ -41,22 +41,15 @@ class VaeTiling:
         return cls(int(sample_size), int(sample_size / factor))
 
 
-def blend_v(a: np.ndarray, b: np.ndarray, blend_extent: int) -> np.ndarray:
-    """Blend the bottom rows of `a` into the top rows of `b`, in place in `b` (diffusers' `blend_v`)."""
-    blend_extent = min(a.shape[2], b.shape[2], blend_extent)
-    for y in range(blend_extent):
+def blend(a: np.ndarray, b: np.ndarray, blend_extent: int, axis: int) -> np.ndarray:
+    """Blend the last rows (axis 2) or columns (axis 3) of `a` into the first ones of `b`, in place in
+    `b` (diffusers' `blend_v` and `blend_h`)."""
+    blend_extent = min(a.shape[axis], b.shape[axis], blend_extent)
+    lead = (slice(None),) * axis
+    for k in range(blend_extent):
         # the weights are Python floats, rounded to float32 as torch does for a float32 tensor
-        b[:, :, y, :] = (a[:, :, -blend_extent + y, :] * np.float32(1 - y / blend_extent)
-                         + b[:, :, y, :] * np.float32(y / blend_extent))
-    return b
-
-
-def blend_h(a: np.ndarray, b: np.ndarray, blend_extent: int) -> np.ndarray:
-    """Blend the right columns of `a` into the left columns of `b`, in place in `b` (diffusers' `blend_h`)."""
-    blend_extent = min(a.shape[3], b.shape[3], blend_extent)
-    for x in range(blend_extent):
-        b[:, :, :, x] = (a[:, :, :, -blend_extent + x] * np.float32(1 - x / blend_extent)
-                         + b[:, :, :, x] * np.float32(x / blend_extent))
+        b[lead + (k,)] = (a[lead + (k - blend_extent,)] * np.float32(1 - k / blend_extent)
+                          + b[lead + (k,)] * np.float32(k / blend_extent))
     return b
 
 
@@ -80,9 +73,9 @@ def tiled(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, in_tile: int, 
         result_row = []
         for j, tile in enumerate(row):
             if i > 0:
-                tile = blend_v(rows[i - 1][j], tile, blend_extent)
+                tile = blend(rows[i - 1][j], tile, blend_extent, axis=2)
             if j > 0:
-                tile = blend_h(row[j - 1], tile, blend_extent)
+                tile = blend(row[j - 1], tile, blend_extent, axis=3)
             result_row.append(tile[:, :, :row_limit, :row_limit])
         result_rows.append(np.concatenate(result_row, axis=3))
     return np.concatenate(result_rows, axis=2)
@@ -147,18 +140,7 @@ class VaeCalls:
     def vae_decode(self, latent_sample: np.ndarray) -> np.ndarray:
         """The VAE decoder's image for latents already divided by scaling_factor (diffusers'
         `vae.decode(...).sample`), sliced and tiled where enabled."""
-        def run(z):
-            outputs = self.vae_decoder(latent_sample=z)
-            return outputs.get("sample", next(iter(outputs.values()))).astype(np.float32, copy=False)
-
-        def one(z):
-            tiling = self.vae_tiling
-            if tiling is not None and max(z.shape[-2:]) > tiling.tile_latent_min_size:
-                return tiled(run, z, tiling.tile_latent_min_size, tiling.tile_sample_min_size,
-                             tiling.tile_overlap_factor)
-            return run(z)
-
-        return self._per_slice(one, latent_sample)
+        return self._vae_call(self.vae_decoder, "latent_sample", "sample", latent_sample, decoding=True)
 
     def vae_encode(self, sample: np.ndarray) -> np.ndarray:
         """The VAE encoder's first output for images in [-1, 1]: the Gaussian's parameters (mean and
@@ -166,20 +148,24 @@ class VaeCalls:
 
         A tiled pass blends the parameters, as diffusers does; an old Optimum export whose graph
         samples the latents itself (`latent_sample`) gets its samples blended instead."""
+        return self._vae_call(self.vae_encoder, "sample", "latent_parameters", sample, decoding=False)
+
+    def _vae_call(self, part, input_name: str, output_name: str, batch: np.ndarray, decoding: bool) -> np.ndarray:
+        """`part` on `batch` (its `output_name`, else its first output), one item at a time with
+        slicing, in tiles where tiling is on and the input is larger than one tile (diffusers' test:
+        latents larger than a latent tile when decoding, images larger than a sample tile when encoding)."""
         def run(x):
-            outputs = self.vae_encoder(sample=x)
-            return outputs.get("latent_parameters", next(iter(outputs.values()))).astype(np.float32, copy=False)
+            outputs = part(**{input_name: x})
+            return outputs.get(output_name, next(iter(outputs.values()))).astype(np.float32, copy=False)
 
         def one(x):
             tiling = self.vae_tiling
-            if tiling is not None and max(x.shape[-2:]) > tiling.tile_sample_min_size:
-                return tiled(run, x, tiling.tile_sample_min_size, tiling.tile_latent_min_size,
-                             tiling.tile_overlap_factor)
+            sizes = ((tiling.tile_latent_min_size, tiling.tile_sample_min_size) if decoding else
+                     (tiling.tile_sample_min_size, tiling.tile_latent_min_size)) if tiling is not None else None
+            if sizes is not None and max(x.shape[-2:]) > sizes[0]:
+                return tiled(run, x, *sizes, tiling.tile_overlap_factor)
             return run(x)
 
-        return self._per_slice(one, sample)
-
-    def _per_slice(self, run, batch: np.ndarray) -> np.ndarray:
         if self.vae_slicing and batch.shape[0] > 1:
-            return np.concatenate([run(batch[i:i + 1]) for i in range(batch.shape[0])])
-        return run(batch)
+            return np.concatenate([one(batch[i:i + 1]) for i in range(batch.shape[0])])
+        return one(batch)
