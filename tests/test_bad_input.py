@@ -301,7 +301,7 @@ CONVERSIONS = {"rgba.png": "RGBA", "grey.png": "L", "palette.png": "P", "grey16.
 
 @pytest.mark.parametrize("name", CONVERSIONS)
 def test_cli_converts_image_files_to_rgb(files, name):
-    from sdort.runtime.cli import load_image
+    from sdort.runtime.generation import load_image
 
     source = Image.open(files["root"] / name)
     assert source.mode in (CONVERSIONS[name], "I")  # Pillow versions open 16-bit grey as I;16 or I

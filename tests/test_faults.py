@@ -138,7 +138,7 @@ def test_interrupted_png_write_leaves_nothing(tmp_path, monkeypatch):
     """Ctrl-C (or a full disk) in the middle of writing a PNG: neither the PNG nor its temporary file stays."""
     from PIL import Image
 
-    from sdort.runtime.cli import save_images
+    from sdort.runtime.generation import save_images
 
     image = Image.new("RGB", (64, 64), (10, 20, 30))
     real_save = Image.Image.save
