@@ -165,12 +165,13 @@ def reference(part: Part, module: torch.nn.Module, modules: dict) -> tuple[dict,
     return {name: t.numpy() for name, t in zip(part.inputs, sample)}, [ref.numpy() for ref in expected]
 
 
-def compare(part: Part, folder: Path, inputs: dict, expected: list, output_names: list[str]) -> float:
-    """Run the graph in `folder` in ONNX Runtime on `inputs`; its largest error against `expected`,
-    relative to max(1, max|expected|), over all outputs."""
+def compare(part: Part, folder: Path, inputs: dict, expected: list, output_names: list[str],
+            file: str = "model.onnx") -> float:
+    """Run the graph `file` in `folder` in ONNX Runtime on `inputs`; its largest error against
+    `expected`, relative to max(1, max|expected|), over all outputs."""
     from sdort.runtime.sessions import OnnxModel
 
-    session = OnnxModel(folder / "model.onnx", provider="cpu", name=part.name)
+    session = OnnxModel(folder / file, provider="cpu", name=part.name)
     got = session(**inputs)
     del session  # its weights, before the comparison's float64 copies
     error = 0.0

@@ -14,7 +14,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from . import convert
+from . import convert, optimize, parameter_map
+from .lora_fusing import fuse_loras
 from .parts import is_xl_unet, parts_for
 from .sources import load_source
 
@@ -45,7 +46,7 @@ def _save_part_config(module, folder: Path) -> None:
         module.config.save_pretrained(folder)
 
 
-def _build(source, tmp: Path, dtype: str, log) -> dict:
+def _build(source, tmp: Path, dtype: str, log, optimize_graphs: bool = True) -> dict:
     """Every part, one component's weights in memory at a time: a lazy source reads or builds each
     component when its first part begins and drops it once its last part is traced and run in torch,
     before ONNX Runtime opens the graph to check it."""
@@ -61,13 +62,19 @@ def _build(source, tmp: Path, dtype: str, log) -> dict:
         _save_part_config(module, folder)
         inputs, expected = convert.reference(part, module, source.modules)
         output_names = part.output_names(module)
+        # LoRA / textual inversion targets, digested while the weights are here (parameter_map.py)
+        digests = (parameter_map.digest_parameters(module, float16=part.fp16 and dtype == "fp16")
+                   if part.name in parameter_map.ADAPTABLE_PARTS else None)
         if all(later.component != part.component for later in parts[index + 1:]):
             del module
             source.release(part.component)
         part_dtype = dtype if part.fp16 else "fp32"
         convert.save_file(traced, folder, float16=part_dtype == "fp16")
         shutil.rmtree(scratch)
-        error = convert.compare(part, folder, inputs, expected, output_names)
+        # graph fusions and the CPU's ready-to-run file (optimize.py); the check below runs on both files
+        optimized = optimize.optimize_part(part.name, folder, part_dtype) if optimize_graphs else None
+        checked = ["model.onnx"] + ([optimized["ready_to_run"]["file"]] if optimized else [])
+        error = max(convert.compare(part, folder, inputs, expected, output_names, file) for file in checked)
         del inputs, expected
         tolerance = convert.TOLERANCE[part_dtype]
         size = _folder_size(folder)
@@ -77,8 +84,12 @@ def _build(source, tmp: Path, dtype: str, log) -> dict:
             raise ExportCheckError(
                 f"{part.name}: ONNX Runtime output differs from torch by {error:.3e}, above the tolerance {tolerance:.0e}"
             )
+        if digests is not None:  # on the part's final model file
+            parameter_map.write(digests, folder)
         parts_info[part.name] = {"dtype": part_dtype, "inputs": part.inputs, "outputs": output_names,
                                  "max_abs_error": error}
+        if optimized:
+            parts_info[part.name]["optimization"] = optimized
     return parts_info
 
 
@@ -146,6 +157,8 @@ def _write_files(source, tmp: Path, dtype: str, parts_info: dict) -> None:
         "parts": parts_info,
         "versions": {p: _version(p) for p in ("sdort", "torch", "diffusers", "transformers", "onnx", "onnxruntime")},
     }
+    if getattr(source, "fused_loras", None):
+        manifest["loras"] = source.fused_loras
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -181,17 +194,24 @@ def _ordinary_permissions(folder: Path) -> None:
 
 
 def export(model: str, out, dtype: str = "fp32", overwrite: bool = False, log=print,
-           safety_checker: bool = True) -> Path:
-    """Export MODEL (preset, diffusers folder or Hub id) to the artifact folder OUT; `safety_checker=False`
-    leaves out the model's safety checker (`sd-export --no-safety-checker`)."""
+           safety_checker: bool = True, config: str | None = None, allow_pickle: bool = False,
+           loras=(), optimize_graphs: bool = True) -> Path:
+    """Export MODEL (preset, diffusers folder, single-file checkpoint or Hub id) to the artifact folder
+    OUT; `safety_checker=False` leaves out the model's safety checker (`sd-export --no-safety-checker`);
+    `config` and `allow_pickle` are for a single file (`sd-export --config`, `--allow-pickle`); `loras`:
+    [(file, scale)] fused into the weights before tracing (`sd-export --lora FILE[:SCALE]`);
+    `optimize_graphs=False` keeps the traced graphs as they are (`sd-export --no-optimize`; see optimize.py)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
-    source = load_source(model, lazy=True)  # one component's weights in memory at a time
+    # one component's weights in memory at a time
+    source = load_source(model, lazy=True, config=config, allow_pickle=allow_pickle)
     if not safety_checker:
         _without_safety_checker(source)
+    if loras:
+        source.fused_loras = fuse_loras(source, loras)  # recorded in sdort.json
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -199,7 +219,7 @@ def export(model: str, out, dtype: str = "fp32", overwrite: bool = False, log=pr
     tmp.mkdir()
     try:
         try:
-            parts_info = _build(source, tmp, dtype, log)
+            parts_info = _build(source, tmp, dtype, log, optimize_graphs)
             _write_files(source, tmp, dtype, parts_info)
         except OSError as exc:
             if exc.errno != errno.ENOSPC and "No space left" not in str(exc):

@@ -1,4 +1,5 @@
-"""Where a model comes from: a built-in preset, a local diffusers folder, or a Hugging Face Hub repo.
+"""Where a model comes from: a built-in preset, a local diffusers folder, an original-format single
+file (`single_file.py`), or a Hugging Face Hub repo.
 
 Each source is turned into a `Source`: the torch components to trace, plus the files that are
 copied unchanged into the artifact (tokenizer, scheduler configuration, feature extractor).
@@ -365,17 +366,25 @@ def download(repo_id: str) -> Path:
         ) from None
 
 
-def load_source(model: str, lazy: bool = False) -> Source:
-    """Resolve MODEL: a preset name, a local folder, or a Hub repo id ("owner/name"); `lazy` as in
-    `build_preset`."""
+def load_source(model: str, lazy: bool = False, config: str | None = None, allow_pickle: bool = False) -> Source:
+    """Resolve MODEL: a preset name, a local folder, an original-format single-file checkpoint, or a
+    Hub repo id ("owner/name"); `lazy` as in `build_preset`. `config` and `allow_pickle` are for a
+    single file (see `single_file.load_single_file`)."""
+    if model not in PRESETS and Path(model).is_file():
+        from .single_file import load_single_file
+
+        return load_single_file(model, config=config, allow_pickle=allow_pickle, lazy=lazy)
+    if config is not None:
+        raise ValueError(f"{model}: --config applies to a single-file checkpoint, and MODEL is not a file")
     if model in PRESETS:
         return build_preset(model, lazy=lazy)
     if Path(model).exists():
         if not Path(model).is_dir():
-            raise FileNotFoundError(f"{model}: MODEL must be a folder, a preset ({', '.join(PRESETS)}) or a Hub repo id")
+            raise FileNotFoundError(f"{model}: MODEL must be a folder, a file, a preset ({', '.join(PRESETS)}) "
+                                    f"or a Hub repo id")
         return load_folder(model, lazy=lazy)
     if model.count("/") == 1 and not model.startswith((".", "/")):
         source = load_folder(download(model), lazy=lazy)
         source.description = model
         return source
-    raise FileNotFoundError(f"{model}: no such folder, preset ({', '.join(PRESETS)}) or Hub repo id (owner/name)")
+    raise FileNotFoundError(f"{model}: no such folder, file, preset ({', '.join(PRESETS)}) or Hub repo id (owner/name)")

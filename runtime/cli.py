@@ -99,6 +99,12 @@ def build_parser(png_values: dict | None = None) -> argparse.ArgumentParser:
         if png_values:
             png_info.apply_option_values(commands.choices[task], png_values)
     commands.add_parser("schedulers", help="list the schedulers and their short names")
+    from .batch import add_arguments  # Ray itself is imported only when a batch runs
+
+    add_arguments(commands.add_parser("batch", help="many generations from a JSONL file, on Ray Data"))
+    from .serve import add_arguments as add_serve_arguments  # Starlette and uvicorn only when it serves
+
+    add_serve_arguments(commands.add_parser("serve", help="serve the AUTOMATIC1111 web UI's HTTP API"))
     info = commands.add_parser("info", help="print the generation parameters of a PNG sdort or A1111 wrote")
     info.add_argument("image", help="the PNG")
     info.add_argument("--json", action="store_true", help="print them as JSON")
@@ -200,6 +206,12 @@ def main(argv=None) -> int:
             return list_schedulers()
         if args.command == "info":
             return print_info(args)
+        if args.command == "batch":
+            from .batch import run_batch
+            return run_batch(args)
+        if args.command == "serve":
+            from .serve import serve_command
+            return serve_command(args)
         return run_task(args)
     except (ValueError, OSError, FloatingPointError) as exc:  # FloatingPointError: sdort's NumericalError
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

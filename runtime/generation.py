@@ -244,10 +244,20 @@ def task_inputs(args, xl: bool) -> dict:
     return kwargs
 
 
-def load_pipeline(class_name: str, provider: str, model: str):
+def load_pipeline(class_name: str, provider: str, model: str, session_options=None, share=None):
+    """The pipeline `class_name` on a model folder; with `share` (a loaded pipeline of the same folder),
+    built on its sessions as diffusers' `OtherPipeline(**pipe.components)`, where it has the parts."""
     from .. import runtime
 
-    return getattr(runtime, class_name).from_pretrained(model, provider=provider)
+    cls = getattr(runtime, class_name)
+    if share is not None and type(share) is not cls:
+        try:
+            return cls(**share.components)
+        except (TypeError, ValueError):  # a part the other task has no use for (depth2img's estimator)
+            pass
+    elif share is not None:
+        return share
+    return cls.from_pretrained(model, provider=provider, session_options=session_options)
 
 
 def call_default(pipe, name: str):
@@ -259,7 +269,10 @@ class LoadedModel:
     """The pipeline a task runs on a model folder (and, for SDXL, a refiner), loaded once and reused
     for many generations; each generation may pick its own scheduler."""
 
-    def __init__(self, task: str, model: str, provider: str = "auto", refiner: str | None = None):
+    def __init__(self, task: str, model: str, provider: str = "auto", refiner: str | None = None,
+                 session_options=None, share: LoadedModel | None = None):
+        """`session_options`: ONNX Runtime's, for every session (None: sdort's defaults); `share`: a
+        LoadedModel of the same folder (another task) whose sessions this one reuses where it can."""
         self.task, self.model = task, str(model)
         self.xl = is_xl_folder(self.model)
         if refiner is not None and not self.xl:
@@ -269,8 +282,9 @@ class LoadedModel:
         if refiner is not None:
             if not Path(refiner).is_dir():
                 raise FileNotFoundError(f"--refiner: {refiner}: no such model folder")
-            self.refiner = load_pipeline(XL_TASKS["img2img"], provider, refiner)
-        self.pipe = load_pipeline(pipeline_class_name(task, self.model), provider, self.model)
+            self.refiner = load_pipeline(XL_TASKS["img2img"], provider, refiner, session_options)
+        self.pipe = load_pipeline(pipeline_class_name(task, self.model), provider, self.model, session_options,
+                                  share.pipe if share is not None and share.model == self.model else None)
         self._schedulers = {None: (self.pipe.scheduler, self.refiner and self.refiner.scheduler)}
 
     def use_scheduler(self, name: str | None) -> None:
@@ -283,6 +297,18 @@ class LoadedModel:
         self.pipe.scheduler, refiner = self._schedulers[name]
         if self.refiner is not None:
             self.refiner.scheduler = refiner
+
+    def for_thread(self) -> LoadedModel:
+        """This model for one more thread (`sdort serve` keeps one per worker): the same sessions and
+        settings, but pipeline objects of its own, because `generate` sets the scheduler and the VAE
+        switches on the pipeline and two threads sharing one would take each other's. A shallow copy
+        is enough: a pipeline call keeps its state in its own copy of the scheduler (tests/test_threads.py)."""
+        import copy
+
+        twin = copy.copy(self)
+        twin.pipe, twin.refiner = copy.copy(self.pipe), copy.copy(self.refiner)
+        twin._schedulers = dict(self._schedulers)
+        return twin
 
 
 @dataclass

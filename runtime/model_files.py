@@ -366,6 +366,12 @@ def _vector(buf, start: int, end: int, path: Path, what: str) -> np.ndarray:
     external-data file beside `path`; its shape is checked first, then only its bytes are read.
     `what` names it in errors.
     """
+    return _tensor(buf, start, end, path, what, vector=True).astype(np.float32)
+
+
+def _tensor(buf, start: int, end: int, path: Path, what: str, vector: bool) -> np.ndarray:
+    """The float32 / float16 TensorProto at buf[start:end], in its own dtype (see `_vector`);
+    `vector`: refuse any shape but one dimension of a hidden size's length."""
     dims: list[int] = []
     data_type = 0
     raw = None
@@ -395,9 +401,9 @@ def _vector(buf, start: int, end: int, path: Path, what: str) -> np.ndarray:
     dtype = _TENSOR_DTYPES.get(data_type)
     if dtype is None:
         raise ValueError(f"{path}: {what} has ONNX data type {data_type}; expected float32 (1) or float16 (10)")
-    if len(dims) != 1 or not 0 < dims[0] <= _MAX_VECTOR:
+    if vector and (len(dims) != 1 or not 0 < dims[0] <= _MAX_VECTOR):
         raise ValueError(f"{path}: {what} has shape {dims}; expected one dimension, the hidden size")
-    nbytes = dims[0] * dtype.itemsize
+    nbytes = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if location == _EXTERNAL or external:
         data = _external_bytes(path, external, nbytes, what)
     elif raw is not None:
@@ -408,7 +414,7 @@ def _vector(buf, start: int, end: int, path: Path, what: str) -> np.ndarray:
         data = (np.array(halves, dtype=np.int64) & 0xFFFF).astype("<u2").tobytes()
     if len(data) != nbytes:
         raise ValueError(f"{path}: {what} holds {len(data)} bytes, its shape {dims} needs {nbytes}")
-    return np.frombuffer(data, dtype=dtype).astype(np.float32).reshape(dims)
+    return np.frombuffer(data, dtype=dtype).reshape(dims).copy()
 
 
 def _external_bytes(path: Path, external: dict[str, str], nbytes: int, what: str) -> bytes:
@@ -430,6 +436,29 @@ def _external_bytes(path: Path, external: dict[str, str], nbytes: int, what: str
     if len(data) != nbytes:
         raise ValueError(f"{target}: truncated; {what} of {path.name} needs {nbytes} bytes at offset {offset}")
     return data
+
+
+def read_initializers(path: Path, names) -> dict[str, np.ndarray]:
+    """The float32 / float16 initializers `names` of the main graph of model file `path`, each a
+    new array in its stored dtype and shape (external data read from beside the file, checked as
+    `check_model_file` does). Run-time LoRA reads the base weights it changes with this."""
+    path = Path(path)
+    found = {}
+    with _mapped(path) as (buf, size):
+        try:
+            graph = next(((s, e) for number, s, e in _fields(buf, 0, size) if number == _MODEL_GRAPH), None)
+            if graph is None:
+                raise _Corrupt
+            index = _Graph(buf, *graph)
+            for name in names:
+                span = index.initializer(name)
+                if span is None:
+                    raise ValueError(f"{path}: no initializer named '{name}'; the model file changed after "
+                                     f"its parameters.json was written: export it again")
+                found[name] = _tensor(buf, *span, path, f"initializer '{name}'", vector=False)
+        except _Corrupt:
+            raise ValueError(f"{path}: not a valid ONNX model (truncated or corrupt); export it again") from None
+    return found
 
 
 def _output_rank(buf, start: int, end: int) -> int | None:

@@ -19,9 +19,11 @@ try:
     import onnxruntime as ort
 except ImportError:  # one clear message instead of a traceback deep inside a pipeline
     raise ImportError(
-        "sdort.runtime needs ONNX Runtime: install sdort[cpu] (onnxruntime) or sdort[cuda] (onnxruntime-gpu)"
+        "sdort.runtime needs ONNX Runtime: install sdort[cpu] (onnxruntime), sdort[cuda] (onnxruntime-gpu) "
+        "or sdort[openvino] (onnxruntime-openvino)"
     ) from None
 
+from . import openvino
 from .model_files import check_model_file, read_json
 
 logger = logging.getLogger("sdort")
@@ -35,7 +37,8 @@ _ORT_TYPES = {
     "tensor(bool)": np.bool_,
     "tensor(uint8)": np.uint8,
 }
-PROVIDERS = ("auto", "cpu", "cuda")
+PROVIDERS = ("auto", "cpu", "cuda", "openvino")
+PRECISIONS = openvino.PRECISIONS  # fp32 everywhere; bf16 only on OpenVINO (see openvino.py)
 # ONNX Runtime's exceptions for a model file it cannot load (all plain `Exception` subclasses).
 _LOAD_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name) for name in
                      ("Fail", "InvalidProtobuf", "InvalidGraph", "NoSuchFile", "InvalidArgument", "NotImplemented")
@@ -63,10 +66,32 @@ def _spec(node) -> TensorSpec:
     return TensorSpec(node.name, dtype, tuple(node.shape))
 
 
-def _providers(provider: str) -> list:
-    """The execution providers to ask ONNX Runtime for, as `provider` (auto|cpu|cuda) means."""
+def check_provider(provider: str, precision: str = "fp32") -> None:
+    """Refuse a provider or precision this environment or CPU cannot run, with what to use instead."""
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}; got {provider!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if provider == "openvino" and openvino.PROVIDER not in ort.get_available_providers():
+        raise ValueError(f"provider='openvino': this ONNX Runtime ({ort.__version__}) has no OpenVINO provider; "
+                         "install sdort[openvino] (the onnxruntime-openvino package, which takes the place of "
+                         "onnxruntime in the environment: uninstall onnxruntime first)")
+    if precision == "bf16" and provider != "openvino":
+        raise ValueError(f"precision='bf16' is not available with provider={provider!r}: ONNX Runtime's CPU "
+                         "provider has no bf16 kernels, and the CUDA provider's reduced precision is an fp16 "
+                         "export (sd-export --dtype fp16). Use provider='openvino' (sdort[openvino]) on a CPU "
+                         "with bf16, or precision='fp32'")
+    if precision == "bf16":
+        openvino.check_bf16()
+
+
+def _providers(provider: str, precision: str = "fp32") -> list:
+    """The execution providers to ask ONNX Runtime for, as `provider` (auto|cpu|cuda|openvino) and
+    `precision` mean."""
+    check_provider(provider, precision)
+    if provider == "openvino":
+        # The CPU provider stays as the fallback for any node OpenVINO does not take.
+        return [openvino.provider_entry(precision), "CPUExecutionProvider"]
     if provider == "cpu":
         return ["CPUExecutionProvider"]
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -77,6 +102,68 @@ def _providers(provider: str) -> list:
     return ["CPUExecutionProvider"]
 
 
+# The SessionOptions settings `_with_initializers` carries over to its copy (ONNX Runtime adds an
+# initializer to an options object once, and has no way to copy one). Config entries made with
+# `add_session_config_entry` cannot be read back, and are not carried.
+_OPTION_ATTRIBUTES = ("enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reuse", "enable_profiling",
+                      "execution_mode", "execution_order", "graph_optimization_level", "inter_op_num_threads",
+                      "intra_op_num_threads", "log_severity_level", "log_verbosity_level", "logid",
+                      "optimized_model_filepath", "profile_file_prefix", "use_deterministic_compute")
+
+
+def _with_initializers(options, initializers: dict, keep: list):
+    """A copy of `options` that gives the session `initializers` (name -> numpy array) in place of the
+    model file's: ONNX Runtime's `add_initializer`, which uses the arrays' memory as it is (the
+    caller keeps them alive, and the OrtValues put in `keep`, as long as the session)."""
+    copy = ort.SessionOptions()
+    for name in _OPTION_ATTRIBUTES:
+        if hasattr(options, name):
+            setattr(copy, name, getattr(options, name))
+    for name, array in initializers.items():
+        if not (isinstance(array, np.ndarray) and array.flags.c_contiguous):
+            raise ValueError(f"initializers['{name}']: a C-contiguous numpy array is needed")
+        keep.append(ort.OrtValue.ortvalue_from_numpy(array))
+        copy.add_initializer(name, keep[-1])
+    return copy
+
+
+def default_session_options(threads: int | None = None):
+    """The ONNX Runtime session options sdort's sessions use when given none; `threads`: ONNX
+    Runtime's intra-op threads per session (None: its default, one per physical core)."""
+    options = ort.SessionOptions()
+    # A failing CUDA provider otherwise prints a wall of errors before falling back to the CPU.
+    options.log_severity_level = 3
+    # ONNX Runtime's CPU arena keeps every activation buffer it ever grew and fragments over
+    # calls of different shapes: measured on SD 1.5's UNet at 512x512, RSS went 3.5 -> 5.7 ->
+    # 8.1 GB over two calls with it, and stayed at a 6.3 GB peak (3.5 GB between calls)
+    # without it, at the same speed. (CUDA allocations are the CUDA provider's own arena.)
+    options.enable_cpu_mem_arena = False
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def ready_to_run_file(path: Path, providers: list) -> Path | None:
+    """The ready-to-run file the export saved beside `path` (`sd-export`'s model.ort.onnx: the graph
+    as ONNX Runtime's CPU provider optimises it, see export/optimize.py), where a session of
+    `providers` can use it: the CPU provider alone and the ONNX Runtime version that wrote it, as the
+    model's sdort.json records. None otherwise: then model.onnx, optimised at load, serves (CUDA,
+    OpenVINO, another ONNX Runtime, an export without the file)."""
+    manifest = path.parent.parent / "sdort.json"
+    if providers != ["CPUExecutionProvider"] or path.name != "model.onnx" or not manifest.is_file():
+        return None
+    part = read_json(manifest).get("parts", {}).get(path.parent.name, {})
+    ready = (part.get("optimization") or {}).get("ready_to_run") or {}
+    if ready.get("provider") != "CPUExecutionProvider" or ready.get("onnxruntime") != ort.__version__:
+        return None
+    file = path.parent / Path(str(ready.get("file", ""))).name  # a file of this folder, whatever it says
+    return file if file.is_file() and file != path else None
+
+
+# The graph optimisation level a ready-to-run file is opened with: its graph is already optimised.
+READY_TO_RUN_LEVEL = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+
 class OnnxModel:
     """An ONNX Runtime session for one part (`text_encoder`, `unet`, ...), called with numpy arrays.
 
@@ -84,33 +171,47 @@ class OnnxModel:
     made by `to_device`, which are bound as they are.
     """
 
-    def __init__(self, path, provider: str = "auto", name: str | None = None, session_options=None):
+    def __init__(self, path, provider: str = "auto", name: str | None = None, session_options=None,
+                 precision: str = "fp32", initializers: dict | None = None):
         global _warned_cpu_fallback
         path = Path(path)
         self.path = path
         self.name = name or path.parent.name
         if not path.is_file():
             raise FileNotFoundError(f"{path}: the '{self.name}' model file is missing")
-        providers = _providers(provider)
-        options = session_options or ort.SessionOptions()
-        if session_options is None:
-            # A failing CUDA provider otherwise prints a wall of errors before falling back to the CPU.
-            options.log_severity_level = 3
-            # ONNX Runtime's CPU arena keeps every activation buffer it ever grew and fragments over
-            # calls of different shapes: measured on SD 1.5's UNet at 512x512, RSS went 3.5 -> 5.7 ->
-            # 8.1 GB over two calls with it, and stayed at a 6.3 GB peak (3.5 GB between calls)
-            # without it, at the same speed. (CUDA allocations are the CUDA provider's own arena.)
-            options.enable_cpu_mem_arena = False
-        check_model_file(path)  # before ONNX Runtime reads it: a corrupt file, weights outside the folder
+        providers = _providers(provider, precision)
+        self.precision = precision
+        options = session_options or default_session_options()
+        # `initializers` (name -> numpy array) replace the file's weights of those names: run-time
+        # LoRA and textual inversion (see `reload`).
+        self._reopen = dict(provider=provider, session_options=session_options, precision=precision)
+        self.initializers = dict(initializers or {})
+        self._initializer_values = []
+        # ONNX Runtime's NCHWc layout pass (CPU, ORT_ENABLE_ALL) re-lays Conv weights out from the file's
+        # values, before given initializers take effect: with it, a changed Conv weight is silently
+        # ignored (measured on onnxruntime 1.32). Changed weights disable that one pass.
+        ignores_overrides = {"disabled_optimizers": ["NchwcTransformer"]} if self.initializers else {}
+        if self.initializers:
+            options = _with_initializers(options, self.initializers, self._initializer_values)
+        # The export's ready-to-run CPU graph loads in a fraction of model.onnx's time (no optimisation
+        # at load); used with sdort's own session options and the file's own weights only.
+        self.file = path
+        ready = ready_to_run_file(path, providers) if session_options is None and not self.initializers else None
+        if ready is not None:
+            self.file = ready
+            options.graph_optimization_level = READY_TO_RUN_LEVEL
+        check_model_file(self.file)  # before ONNX Runtime reads it: a corrupt file, weights outside the folder
         cuda_tried = "CUDAExecutionProvider" in providers
         try:
             try:
-                self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+                self.session = ort.InferenceSession(str(self.file), sess_options=options, providers=providers,
+                                                    **ignores_overrides)
             except Exception:
                 if provider != "auto" or not cuda_tried:
                     raise
                 # Some onnxruntime-gpu builds raise instead of falling back when CUDA cannot start.
-                self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+                self.session = ort.InferenceSession(str(self.file), sess_options=options,
+                                                    providers=["CPUExecutionProvider"], **ignores_overrides)
         except _LOAD_ERRORS as exc:
             # ONNX Runtime's own errors for a model it cannot load: one line naming the file.
             detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -123,12 +224,22 @@ class OnnxModel:
             # A CPU-only onnxruntime never tries CUDA, so it has nothing to warn about.
             _warned_cpu_fallback = True
             logger.warning("sdort: ONNX Runtime could not create the CUDA provider; running on the CPU")
+        if provider == "openvino" and openvino.PROVIDER not in active:
+            raise RuntimeError(f"{self.name}: ONNX Runtime could not create the OpenVINO provider")
+        # OpenVINO's CPU device works in host memory: its inputs and outputs bind as the CPU's do.
         self.device = "cuda" if "CUDAExecutionProvider" in active else "cpu"
         # The part's config.json (diffusers/transformers config), where the export wrote one.
         config_path = path.parent / "config.json"
         self.config = read_json(config_path) if config_path.is_file() else {}
         self.inputs = {node.name: _spec(node) for node in self.session.get_inputs()}
         self.outputs = {node.name: _spec(node) for node in self.session.get_outputs()}
+
+    def reload(self, initializers: dict | None) -> None:
+        """Re-create the session with `initializers` (name -> numpy array, kept alive here as long as
+        the session) in place of the file's weights of those names; None or {}: the file's own.
+        ONNX Runtime takes an initializer of another shape where the graph allows it (a longer token
+        embedding table)."""
+        self.__init__(self.path, name=self.name, initializers=initializers, **self._reopen)
 
     def __repr__(self):
         return f"OnnxModel({self.name}, device={self.device}, inputs={list(self.inputs)})"

@@ -301,6 +301,27 @@ class CLIPTokenizer:
     def get_vocab(self) -> dict[str, int]:
         return self.backend.get_vocab(with_added_tokens=True)
 
+    def add_tokens(self, tokens: Sequence[str]) -> int:
+        """transformers' ``add_tokens`` for plain (not special) tokens, as textual inversion adds them:
+        each gets the next id; returns how many were new."""
+        self._added_plain = [*getattr(self, "_added_plain", []), *tokens]
+        return self.backend.add_tokens([AddedToken(str(t), special=False, normalized=True) for t in tokens])
+
+    def maybe_convert_prompt(self, prompt: str) -> str:
+        """diffusers' ``maybe_convert_prompt``: a multi-vector textual-inversion token in ``prompt``
+        becomes ``token token_1 ... token_{n-1}``; without added tokens the prompt is unchanged."""
+        added = set(getattr(self, "_added_plain", ()))
+        if not added:
+            return prompt
+        for token in set(self.tokenize(prompt)):
+            if token in added:
+                replacement, i = token, 1
+                while f"{token}_{i}" in added:
+                    replacement += f" {token}_{i}"
+                    i += 1
+                prompt = prompt.replace(token, replacement)
+        return prompt
+
     def tokenize(self, text: str) -> list[str]:
         """The BPE tokens of ``text`` (no bos/eos)."""
         return self.backend.encode(text, add_special_tokens=False).tokens

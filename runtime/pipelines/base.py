@@ -23,8 +23,9 @@ from ...schedulers import get_scheduler_class
 from ..image_processor import VaeImageProcessor
 from ..model_files import read_json
 from ..randomness import as_generator, randn_tensor
-from ..sessions import OnnxModel
+from ..sessions import OnnxModel, check_provider
 from ..tokenizer import CLIPTokenizer
+from .adapters import AdapterMixin
 from .checks import check_common_inputs, check_finite, check_finite_output, memory_bytes
 from .guidance import ClassifierFreeGuidance
 from .guidance_embedding import time_cond_proj_dim
@@ -184,11 +185,15 @@ class OnnxDiffusionPipeline(VaeCalls):
         return {name: getattr(self, name) for name in self._component_names}
 
     @classmethod
-    def from_pretrained(cls, path, provider: str = "auto", session_options=None, **overrides):
+    def from_pretrained(cls, path, provider: str = "auto", session_options=None, precision: str = "fp32",
+                        **overrides):
         """Load an exported folder (sdort's `sd-export` or Optimum's ONNX layout).
 
-        `overrides` replace loaded components (e.g. `scheduler=...`), as in diffusers.
+        `provider`: "auto" (CUDA where available, else the CPU), "cpu", "cuda" or "openvino";
+        `precision`: the compute precision, "fp32" (diffusers' parity) or "bf16" (OpenVINO on a CPU
+        with bf16 arithmetic). `overrides` replace loaded components (e.g. `scheduler=...`), as in diffusers.
         """
+        check_provider(provider, precision)  # before any file is read: an unusable choice fails at once
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no such model folder")
@@ -220,7 +225,8 @@ class OnnxDiffusionPipeline(VaeCalls):
                 if name in cls.required_parts:
                     raise FileNotFoundError(f"{model_file}: the '{name}' part is missing")
                 continue
-            parts[name] = OnnxModel(model_file, provider=provider, name=name, session_options=session_options)
+            parts[name] = OnnxModel(model_file, provider=provider, name=name, session_options=session_options,
+                                    precision=precision)
         parts.update(overrides)
         return cls(**parts)
 
@@ -515,7 +521,7 @@ class OnnxDiffusionPipeline(VaeCalls):
         return copy.deepcopy(scheduler)
 
 
-class TextConditionedPipeline(OnnxDiffusionPipeline):
+class TextConditionedPipeline(AdapterMixin, OnnxDiffusionPipeline):
     """A pipeline conditioned by prompts: it has a `PromptEncoder` (tokenizer + text encoder)."""
 
     required_parts = ("text_encoder", "unet", "vae_decoder")

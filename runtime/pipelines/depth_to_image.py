@@ -100,13 +100,15 @@ class StableDiffusionDepth2ImgPipeline(TextConditionedPipeline):
         self.check_unet_kind()  # a depth pipeline is never useful without a depth UNet
 
     @classmethod
-    def from_pretrained(cls, path, provider: str = "auto", session_options=None, **overrides):
+    def from_pretrained(cls, path, provider: str = "auto", session_options=None, precision: str = "fp32",
+                        **overrides):
         """Load an exported depth model; `feature_extractor/preprocessor_config.json` configures the
         depth estimator's preprocessing (transformers' defaults when the folder has none)."""
         if "feature_extractor" not in overrides:
             config = Path(path) / "feature_extractor" / "preprocessor_config.json"
             overrides["feature_extractor"] = DPTImageProcessor.from_pretrained(config) if config.is_file() else None
-        return super().from_pretrained(path, provider=provider, session_options=session_options, **overrides)
+        return super().from_pretrained(path, provider=provider, session_options=session_options, precision=precision,
+                                       **overrides)
 
     def estimate_depth(self, images: list) -> np.ndarray:
         """Depth maps [B, h, w] of the input images from the depth estimator (diffusers: DPT's

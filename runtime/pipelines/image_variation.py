@@ -54,12 +54,14 @@ class StableDiffusionImageVariationPipeline(SafetyCheckedPipeline, OnnxDiffusion
                          **extra_parts)
 
     @classmethod
-    def from_pretrained(cls, path, provider: str = "auto", session_options=None, **overrides):
+    def from_pretrained(cls, path, provider: str = "auto", session_options=None, precision: str = "fp32",
+                        **overrides):
         """Load an exported image-variation model (no tokenizer folder needed)."""
         if "feature_extractor" not in overrides:
             config = Path(path) / "feature_extractor" / "preprocessor_config.json"
             overrides["feature_extractor"] = CLIPImageProcessor.from_pretrained(config) if config.is_file() else None
-        return super().from_pretrained(path, provider=provider, session_options=session_options, **overrides)
+        return super().from_pretrained(path, provider=provider, session_options=session_options, precision=precision,
+                                       **overrides)
 
     @staticmethod
     def _is_pixel_values(image) -> bool:

@@ -61,7 +61,8 @@ class PromptEncoder:
     def embed(self, prompts: list[str], warn: bool = True, clip_skip: int | None = None) -> np.ndarray:
         """The text encoder's last hidden state [B, 77, D] for a list of prompts; with `clip_skip`,
         the hidden state that many layers earlier, through the final layer norm (as diffusers)."""
-        ids = self.tokenizer(prompts, warn=warn)
+        # textual inversion: multi-vector tokens expanded, as diffusers' maybe_convert_prompt
+        ids = self.tokenizer([self.tokenizer.maybe_convert_prompt(p) for p in prompts], warn=warn)
         outputs = self.text_encoder(input_ids=ids)
         if not clip_skip:  # 0: the final layer norm of the last hidden state, the graph's own output
             return outputs["last_hidden_state"].astype(np.float32)
@@ -102,6 +103,7 @@ class XLPromptEncoder:
         """(hidden states of every encoder, concatenated [B, 77, D1 + D2], pooled [B, P])."""
         hidden, pooled = [], None
         for (tokenizer, encoder), prompts in zip(self.pairs, prompts_per_encoder):
+            prompts = [tokenizer.maybe_convert_prompt(p) for p in prompts]  # textual inversion, as diffusers
             outputs = encoder(input_ids=tokenizer(prompts, warn=warn))
             if pooled is None and "text_embeds" in outputs:
                 pooled = outputs["text_embeds"].astype(np.float32)

@@ -73,7 +73,7 @@ def check_images(safety_checker: OnnxModel, feature_extractor, pil_images, image
     return [bool(flag) for flag in np.asarray(outputs["has_nsfw_concepts"]).reshape(-1)]
 
 
-def load_safety_parts(path: Path, provider: str, session_options, overrides: dict) -> None:
+def load_safety_parts(path: Path, provider: str, session_options, overrides: dict, precision: str = "fp32") -> None:
     """Add to `overrides` what `from_pretrained` does not load by itself: the `safety_checker`
     session when the folder has one (None otherwise), its CLIP `feature_extractor`, and
     `requires_safety_checker` from model_index.json (True when unsaid, as diffusers' default)."""
@@ -84,7 +84,8 @@ def load_safety_parts(path: Path, provider: str, session_options, overrides: dic
     if "safety_checker" not in overrides:
         model = path / "safety_checker" / "model.onnx"
         overrides["safety_checker"] = (OnnxModel(model, provider=provider, name="safety_checker",
-                                                 session_options=session_options) if model.is_file() else None)
+                                                 session_options=session_options, precision=precision)
+                                      if model.is_file() else None)
     config = path / "feature_extractor" / "preprocessor_config.json"
     if overrides["safety_checker"] is not None and "feature_extractor" not in overrides and config.is_file():
         overrides["feature_extractor"] = CLIPImageProcessor.from_pretrained(config)
@@ -113,10 +114,12 @@ class SafetyCheckedPipeline:
                              "(feature_extractor/preprocessor_config.json); pass safety_checker=None to run without")
 
     @classmethod
-    def from_pretrained(cls, path, provider: str = "auto", session_options=None, **overrides):
+    def from_pretrained(cls, path, provider: str = "auto", session_options=None, precision: str = "fp32",
+                        **overrides):
         if Path(path).is_dir():
-            load_safety_parts(Path(path), provider, session_options, overrides)
-        return super().from_pretrained(path, provider=provider, session_options=session_options, **overrides)
+            load_safety_parts(Path(path), provider, session_options, overrides, precision)
+        return super().from_pretrained(path, provider=provider, session_options=session_options, precision=precision,
+                                       **overrides)
 
     def checker_pil_images(self, image: np.ndarray) -> list:
         """The PIL images the feature extractor gets: the decoded images, post-processed."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .adapters import AdapterMixin
 from .base import OnnxDiffusionPipeline, retrieve_timesteps
 from .checks import check_common_inputs, check_finite
 from .prompts import XLPromptEncoder
@@ -71,7 +72,7 @@ def check_pair(name: str, value) -> tuple | None:
     return tuple(value)
 
 
-class XLConditionedPipeline(OnnxDiffusionPipeline):
+class XLConditionedPipeline(AdapterMixin, OnnxDiffusionPipeline):
     """Base of the SDXL pipelines: `text_encoder` (optional: the refiner has none) and `text_encoder_2`,
     their tokenizers, and the micro-conditioning of SDXL's UNet."""
 

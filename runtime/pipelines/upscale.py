@@ -96,7 +96,8 @@ class StableDiffusionUpscalePipeline(SafetyCheckedPipeline, TextConditionedPipel
                              "upscaler with sd-export, whose UNet config sets num_class_embeds")
 
     @classmethod
-    def from_pretrained(cls, path, provider: str = "auto", session_options=None, **overrides):
+    def from_pretrained(cls, path, provider: str = "auto", session_options=None, precision: str = "fp32",
+                        **overrides):
         """Load an exported x4 upscaler: the parts, and the low_res_scheduler/ config besides scheduler/."""
         if "low_res_scheduler" not in overrides:
             folder = Path(path) / "low_res_scheduler"
@@ -104,7 +105,8 @@ class StableDiffusionUpscalePipeline(SafetyCheckedPipeline, TextConditionedPipel
                 raise FileNotFoundError(f"{folder}: missing; the x4 upscaler noises its input with this scheduler")
             overrides["low_res_scheduler"] = load_scheduler(folder)
         overrides.setdefault("requires_safety_checker", False)  # see __init__
-        return super().from_pretrained(path, provider=provider, session_options=session_options, **overrides)
+        return super().from_pretrained(path, provider=provider, session_options=session_options, precision=precision,
+                                       **overrides)
 
     def unscale_latents(self, latents: np.ndarray) -> np.ndarray:
         return latents / np.float32(UPSCALER_SCALING_FACTOR)

@@ -1,0 +1,231 @@
+"""Export-time graph optimisation: ONNX Runtime's transformer fusions, chosen per target provider.
+
+ONNX Runtime's optimiser (`onnxruntime.transformers`) rewrites the UNet's traced attention blocks into
+fused operators. For the CPU target only the fusions the CPU provider has kernels for are used:
+
+- `MultiHeadAttention` (com.microsoft) for every self- and cross-attention: its CPU kernel runs a
+  flash-attention loop, so the [batch x heads, tokens, tokens] score tensors (8 x 4096 x 4096 floats
+  per image at 512 px) are never materialised;
+- `LayerNormalization`, `SkipLayerNormalization` (the residual add before a LayerNorm), `Gelu` and
+  `BiasGelu` (GEGLU's gate).
+
+Left out, because only the CUDA provider runs them: GroupNorm / SkipGroupNorm, BiasSplitGelu, BiasAdd,
+NhwcConv and the packed QKV / KV attention inputs. A CUDA target (issue 12, section 4) adds those to
+its own entry in `_DISABLED` and converts to float16 after fusing (some fusions match only float32
+patterns).
+
+Q, K and V keep their own MatMuls and weights (no packed QKV initializer), so the fused graph holds
+the same weight tensors as the traced one: the parameter map for run-time LoRA still finds them.
+
+Three things stood between sdort's traced UNet and ONNX Runtime's fuser; they are dealt with here:
+- `FusionAttentionUnet.get_num_heads` calls `int()` on the head count it reads from the head-split
+  Reshape's shape, a 1-element array; NumPy no longer converts arrays with ndim > 0 to scalars
+  (NumPy 2.4.6 here: `TypeError: only 0-dimensional arrays can be converted to Python scalars`), so
+  the fusion crashed on every export. `_CpuAttention.get_num_heads` reads the same constant's element.
+- diffusers' attention processor ends with `.to(query.dtype)`, traced as a float-to-float Cast between
+  the attention and `to_out`, which breaks the pattern: `drop_identity_casts` removes such Casts.
+- Without packed QKV, the fuser turns self-attention into the `Attention` operator (one stacked QKV
+  weight, and a CPU kernel that materialises the scores); `_CpuAttention` emits `MultiHeadAttention`
+  with separate Q, K and V for self-attention too, as the fuser does for cross-attention.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+TARGETS = ("cpu",)
+# The `onnxruntime.transformers` model type of each part the export optimises.
+MODEL_TYPES = {"unet": "unet"}
+# FusionOptions switched off per target: fusions whose operators that target's provider cannot run.
+_DISABLED = {
+    "cpu": ("enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu", "enable_bias_add",
+            "enable_nhwc_conv", "enable_packed_qkv", "enable_packed_kv",
+            # symbolic shape inference only removes redundant Casts/Reshapes here, and on a 3.4 GB UNet
+            # it holds a second copy of the graph; the attention patterns match without it
+            "enable_shape_inference"),
+}
+# The fused operators counted in sdort.json (`onnxruntime.transformers`' own list, and Gelu).
+FUSED_OPS = ("MultiHeadAttention", "Attention", "LayerNormalization", "SkipLayerNormalization", "Gelu",
+             "BiasGelu", "FastGelu", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "NhwcConv", "BiasAdd")
+
+def _unet_optimizer_class():
+    """ONNX Runtime's UNet optimiser with the attention fusion of `_CpuAttention` (defined here because
+    `onnxruntime.transformers` modules import each other by bare name once the package is imported)."""
+    import onnxruntime.transformers  # noqa: F401  puts its folder on sys.path
+    from fusion_attention_unet import FusionAttentionUnet
+    from onnx import helper
+    from onnx_model_unet import UnetOnnxModel
+
+    class _CpuAttention(FusionAttentionUnet):
+        """diffusers' attention (torch 2 SDPA or torch 1 pattern) -> MultiHeadAttention(Q, K, V)."""
+
+        def get_num_heads(self, reshape_q, is_torch2: bool = False) -> int:
+            if not is_torch2:
+                return super().get_num_heads(reshape_q, False)
+            # The head split reshapes to Concat(batch, tokens, [heads], [head_size]).
+            concat = self.model.get_parent(reshape_q, 1)
+            if concat is None or concat.op_type != "Concat" or len(concat.input) != 4:
+                return 0
+            heads = self.model.get_constant_value(concat.input[2])
+            if not isinstance(heads, np.ndarray) or heads.size != 1:
+                return 0
+            return max(int(heads.reshape(-1)[0]), 0)
+
+        def create_attention_node(self, q_matmul, k_matmul, v_matmul, num_heads, hidden_size, input, output):
+            if self.is_cross_attention:
+                # queries from the image tokens, keys and values from one other tensor (the text)
+                shapes_fit = k_matmul.input[0] == v_matmul.input[0] != input
+            else:
+                shapes_fit = k_matmul.input[0] == v_matmul.input[0] == input
+            if q_matmul.input[0] != input or not shapes_fit or num_heads <= 0:
+                return None
+            if hidden_size > 0 and hidden_size % num_heads:
+                return None
+            name = self.model.create_node_name("MultiHeadAttention")
+            # No bias input (diffusers' to_q/to_k/to_v have none); the default scale is 1/sqrt(head
+            # size), diffusers' `dim_head ** -0.5`.
+            node = helper.make_node("MultiHeadAttention", [q_matmul.output[0], k_matmul.output[0], v_matmul.output[0]],
+                                    [output], name=name, domain="com.microsoft", num_heads=num_heads)
+            self.increase_counter("MultiHeadAttention (cross attention)" if self.is_cross_attention
+                                  else "MultiHeadAttention (self attention)")
+            return node
+
+    class _CpuUnetModel(UnetOnnxModel):
+        def fuse_multi_head_attention(self, options=None):
+            for cross in (False, True):
+                _CpuAttention(self, self.hidden_size, self.num_heads, is_cross_attention=cross,
+                              enable_packed_qkv=False, enable_packed_kv=False).apply()
+
+    return _CpuUnetModel
+
+
+def fusion_options(model_type: str, target: str = "cpu"):
+    """ONNX Runtime's FusionOptions for `model_type`, less what `target`'s provider cannot run."""
+    if target not in TARGETS:
+        raise ValueError(f"optimisation target must be one of {', '.join(TARGETS)}; got {target!r}")
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions(model_type)
+    for name in _DISABLED[target]:
+        setattr(options, name, False)
+    return options
+
+
+def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each fused operator (`FUSED_OPS`) the graph holds, those present only."""
+    counts = {}
+    for node in model.graph.node:
+        if node.op_type in FUSED_OPS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Every tensor's element type, by ONNX type inference on a copy of the graph without its weights'
+    bytes (types need no values, and protobuf refuses graphs over 2 GB); the small initializers (shape
+    constants) keep theirs."""
+    weights = {}
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) > 1024:
+            weights[tensor.name] = tensor.raw_data
+            tensor.ClearField("raw_data")
+    try:
+        skeleton = onnx.ModelProto()
+        skeleton.CopyFrom(model)
+    finally:
+        for tensor in model.graph.initializer:
+            if tensor.name in weights:
+                tensor.raw_data = weights[tensor.name]
+    graph = onnx.shape_inference.infer_shapes(skeleton).graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    for info in (*graph.input, *graph.value_info, *graph.output):
+        types[info.name] = info.type.tensor_type.elem_type
+    return types
+
+
+def drop_identity_casts(model: onnx.ModelProto) -> int:
+    """Remove Cast nodes whose input already has the target type; returns how many. (ONNX Runtime's
+    own pass for this needs symbolic shape inference, which `_DISABLED` turns off.)"""
+    types = _elem_types(model)
+    outputs = {o.name for o in model.graph.output}
+    casts = [node for node in model.graph.node if node.op_type == "Cast" and node.output[0] not in outputs
+             and types.get(node.input[0]) == next(a.i for a in node.attribute if a.name == "to")]
+    renamed = {node.output[0]: node.input[0] for node in casts}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name in renamed:
+                node.input[index] = renamed[name]
+    for node in casts:
+        model.graph.node.remove(node)
+    return len(casts)
+
+
+def optimize(model: onnx.ModelProto, part_kind: str, target: str = "cpu") -> onnx.ModelProto:
+    """Apply ONNX Runtime's transformer fusions for `target` to `model` (changed in place and
+    returned); `part_kind` is a key of `MODEL_TYPES`. No ONNX Runtime session optimisation runs here
+    (opt_level 0): the graph stays portable across providers that have the fused operators."""
+    if part_kind not in MODEL_TYPES:
+        raise ValueError(f"no graph optimisation for part kind {part_kind!r}; known: {', '.join(MODEL_TYPES)}")
+    options = fusion_options(MODEL_TYPES[part_kind], target)
+    drop_identity_casts(model)
+    optimizer = _unet_optimizer_class()(model)
+    logging.disable(logging.WARNING)  # the fuser's notes ("symbolic shape inference disabled", ...)
+    try:
+        optimizer.optimize(options)
+        optimizer.topological_sort()
+    finally:
+        logging.disable(logging.NOTSET)
+    return optimizer.model
+
+
+# The ready-to-run file beside model.onnx: the graph after ONNX Runtime's own CPU optimisations, so
+# that a CPU session loads it without optimising again (see `write_ready_to_run`).
+READY_FILE = "model.ort.onnx"
+READY_DATA = READY_FILE + "_data"
+
+
+def write_ready_to_run(folder: Path) -> dict:
+    """Save `folder`/model.onnx as ONNX Runtime's CPU provider optimises it when a session opens
+    (`SessionOptions.optimized_model_filepath`) to `READY_FILE`, weights in `READY_DATA`; returns
+    what sdort.json records about it.
+
+    The level is ORT_ENABLE_EXTENDED, not ALL: ALL adds the NCHWc layout transforms, whose block size
+    is the CPU's vector width, so the file would only suit CPUs like this one. EXTENDED's fusions
+    (FusedConv, FusedMatMul, ...) are CPU-provider operators: the file is for the CPU provider only,
+    and the runtime opens model.onnx for any other provider or ONNX Runtime version.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(folder / READY_FILE)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", READY_DATA)
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    for stale in (folder / READY_FILE, folder / READY_DATA):
+        stale.unlink(missing_ok=True)  # ONNX Runtime appends to an existing data file
+    ort.InferenceSession(str(folder / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"])
+    return {"file": READY_FILE, "provider": "CPUExecutionProvider", "onnxruntime": ort.__version__,
+            "level": "extended"}
+
+
+def optimize_part(name: str, folder: Path, dtype: str, target: str = "cpu") -> dict | None:
+    """The export step for the part `name` saved in `folder`: fuse model.onnx in place (`optimize`) and
+    write its ready-to-run file; returns what sdort.json records, or None where nothing applies
+    (a part without fusions here, or a float16 graph: its fusions are the CUDA target's)."""
+    from .convert import save
+
+    if name not in MODEL_TYPES or dtype != "fp32":
+        return None
+    path = folder / "model.onnx"
+    model = optimize(onnx.load(str(path)), name, target)
+    fused = fused_op_counts(model)
+    for stale in (path, folder / "model.onnx_data"):
+        stale.unlink(missing_ok=True)  # onnx appends external data to an existing file
+    save(model, folder)
+    del model
+    return {"target": target, "fused": fused, "ready_to_run": write_ready_to_run(folder)}
