@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -328,6 +329,7 @@ def main() -> None:
             rows.append({"engine": engine, "size": size, **json.loads(done.stdout.strip().splitlines()[-1])})
             print(f"done: {engine} {size}", file=sys.stderr)
     report["rows"] = rows
+    shutil.rmtree(scratch, ignore_errors=True)  # the reference steps and the path links
     tmp = args.out.with_name(f".{args.out.name}.partial")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(args.out)

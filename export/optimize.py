@@ -75,6 +75,16 @@ def _unet_optimizer_class():
                 return 0
             return max(int(heads.reshape(-1)[0]), 0)
 
+        def fuse(self, normalize_node, input_name_to_nodes, output_name_to_node):
+            # The matchers rebuild the whole graph's output -> node map for every parent they look up
+            # (quadratic in the graph's size: most of an export's optimisation time). The graph does not
+            # change while a pass searches (`Fusion.apply` edits it afterwards): the pass's map serves.
+            self.model.output_name_to_node = lambda exclude_subgraphs=False: output_name_to_node
+            try:
+                super().fuse(normalize_node, input_name_to_nodes, output_name_to_node)
+            finally:
+                del self.model.output_name_to_node
+
         def create_attention_node(self, q_matmul, k_matmul, v_matmul, num_heads, hidden_size, input, output):
             if self.is_cross_attention:
                 # queries from the image tokens, keys and values from one other tensor (the text)
@@ -209,8 +219,11 @@ def write_ready_to_run(folder: Path) -> dict:
     for stale in (folder / READY_FILE, folder / READY_DATA):
         stale.unlink(missing_ok=True)  # ONNX Runtime appends to an existing data file
     ort.InferenceSession(str(folder / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"])
+    from sdort.runtime.sessions import file_sha256
+
+    # model.onnx's digest: the runtime takes the file only while model.onnx is the graph it came from
     return {"file": READY_FILE, "provider": "CPUExecutionProvider", "onnxruntime": ort.__version__,
-            "level": "extended"}
+            "level": "extended", "model_sha256": file_sha256(folder / "model.onnx")}
 
 
 def optimize_part(name: str, folder: Path, dtype: str, target: str = "cpu") -> dict | None:

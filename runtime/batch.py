@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from .generation import Generation, LoadedModel, generate, is_ldm3d_folder, write_images
+from .sessions import check_provider, default_session_options
 
 MANIFEST = "manifest.jsonl"
 # Fields a row cannot set: the job's command line sets them for every row (or they name no output).
-JOB_FIELDS = ("model", "provider", "output", "from_png")
+JOB_FIELDS = ("model", "provider", "precision", "output", "from_png")
 # Fields holding file paths; relative ones are read from the jobs file's folder.
 PATH_FIELDS = ("image", "mask", "depth_map", "refiner")
 
@@ -95,16 +96,18 @@ class GenerationWorker:
     `"report"` gives that request one row with status "error", its message and an empty 0x0 image,
     and goes on. Each request runs exactly as `sdort <task>` with its options runs it
     (`generation.generate`), so the images do not depend on batching or on which worker ran them.
+    `threads` is ONNX Runtime's intra-op thread count per session (None: its default, all cores);
+    keep it equal across runs that must match bit for bit: the pool's size can move the last bit of
+    a few pixels. `provider` and `precision` are `from_pretrained`'s.
     """
 
-    def __init__(self, model: str, provider: str = "auto", threads: int | None = None, on_error: str = "raise"):
-        from .sessions import default_session_options
-
+    def __init__(self, model: str, provider: str = "auto", threads: int | None = None, on_error: str = "raise",
+                 precision: str = "fp32"):
         if on_error not in ("raise", "report"):
             raise ValueError(f"on_error: must be 'raise' or 'report'; got {on_error!r}")
         if not Path(model).is_dir():
             raise FileNotFoundError(f"model: {model}: no such model folder")
-        self.model, self.provider, self.on_error = str(model), provider, on_error
+        self.model, self.provider, self.precision, self.on_error = str(model), provider, precision, on_error
         # ONNX Runtime's intra-op pool otherwise takes every core: N workers would fight over them.
         self.session_options = default_session_options(threads)
         self._loaded: dict[tuple, LoadedModel] = {}
@@ -116,7 +119,7 @@ class GenerationWorker:
         if key not in self._loaded:
             share = next(iter(self._loaded.values()), None)
             loaded = LoadedModel(task, self.model, self.provider, refiner, session_options=self.session_options,
-                                 share=share)
+                                 share=share, precision=self.precision)
             loaded.pipe.set_progress_bar_config(disable=True)  # a worker's bars would interleave with the driver's
             self._loaded[key] = loaded
         return self._loaded[key]
@@ -131,7 +134,7 @@ class GenerationWorker:
         if fields.get("seed") is None:
             fields["seed"] = derived_seed(str(row_id)) if row_id is not None else int(
                 np.random.SeedSequence().entropy % 2**32)
-        seed = fields["seed"]
+        seed = fields["seed"] if isinstance(fields["seed"], int) else -1  # -1: a seed the parser will refuse
         try:
             for name in JOB_FIELDS:
                 if name in fields:
@@ -180,15 +183,19 @@ class GenerationWorker:
 
 def add_arguments(parser) -> None:
     """`sdort batch`'s options."""
+    from .cli import add_provider_arguments
+
     parser.add_argument("jobs", help="JSONL file: one request per line (the fields of sdort <task>, an optional id)")
     parser.add_argument("--model", required=True, help="folder written by sd-export (or Optimum)")
     parser.add_argument("--out", required=True, help="folder for the PNGs and manifest.jsonl (made if missing)")
     parser.add_argument("--workers", type=int, default=1, help="Ray workers, each with its own pipeline (default 1)")
     parser.add_argument("--threads-per-worker", type=int, default=None,
-                        help="ONNX Runtime threads (and Ray CPUs) per worker (default: the cores / workers)")
+                        help="ONNX Runtime threads (and Ray CPUs) per worker (default: the cores / workers; "
+                             "with one worker, ONNX Runtime's own default, as sdort txt2img)")
     parser.add_argument("--ray-address", default=None,
-                        help="a Ray cluster to run on (e.g. ray://head:10001 or auto); default: a local Ray for the job")
-    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+                        help="a Ray cluster to run on (auto: the one this machine belongs to, or ray://HEAD:10001); "
+                             "default: a local Ray started for the job")
+    add_provider_arguments(parser)  # --provider, --precision: as the task commands'
 
 
 class Row:
@@ -212,7 +219,8 @@ class Row:
             if isinstance(fields.get(name), str) and not Path(fields[name]).is_absolute():
                 fields[name] = str(base / fields[name])
         self.fields = fields
-        self.fingerprint = hashlib.sha256(json.dumps([model, self.id, fields], sort_keys=True).encode()).hexdigest()[:16]
+        asked = json.dumps([model, self.id, fields], sort_keys=True)
+        self.fingerprint = hashlib.sha256(asked.encode()).hexdigest()[:16]
         if self.error is None:
             self.error = self.check()
 
@@ -373,7 +381,8 @@ class ResultWriter:
 
         row = self.by_id[result["id"]]
         if result["status"] != "ok":
-            record = record_for(row, "error", seconds=result["seconds"], error=result["error"], seed=int(result["seed"]))
+            record = record_for(row, "error", seconds=result["seconds"], error=result["error"],
+                                seed=int(result["seed"]))
         else:
             images = self.pending.setdefault(row.id, [])
             images.append((int(result["index"]), np.asarray(result["image"], dtype=np.uint8)))
@@ -388,19 +397,20 @@ class ResultWriter:
         self.bar.update()
 
 
-def run_on_ray(todo: list[Row], args, threads: int, writer: ResultWriter) -> str | None:
+def run_on_ray(todo: list[Row], args, threads: int | None, writer: ResultWriter) -> str | None:
     """Run the rows through `GenerationWorker` on Ray Data (one row a block, so that any free worker
     takes the next row); None, or the message of a failure of the job itself (Ray, a worker that
     could not start), after which the rows not finished are recorded as errors."""
-    ray, owned = start_ray(args.ray_address, args.workers * threads)
+    cpus = threads or max(1, (os.cpu_count() or 1) // args.workers)  # what Ray reserves for each worker
+    ray, owned = start_ray(args.ray_address, args.workers * cpus)
     writer.start()
     try:
         dataset = ray.data.from_items([row.request() for row in todo], override_num_blocks=len(todo))
         results = dataset.map_batches(
-            GenerationWorker, batch_size=1, batch_format="numpy", num_cpus=threads,
+            GenerationWorker, batch_size=1, batch_format="numpy", num_cpus=cpus,
             compute=ray.data.ActorPoolStrategy(size=args.workers),
             fn_constructor_kwargs=dict(model=str(Path(args.model).resolve()), provider=args.provider,
-                                       threads=threads, on_error="report"))
+                                       precision=args.precision, threads=threads, on_error="report"))
         for result in results.iter_rows():
             writer.add(result)
     except Exception as exc:  # noqa: BLE001 - whatever stopped the job, the manifest must say so
@@ -427,9 +437,14 @@ def run_batch(args) -> int:
         raise ValueError(f"--workers: must be at least 1; got {args.workers}")
     if args.threads_per_worker is not None and args.threads_per_worker < 1:
         raise ValueError(f"--threads-per-worker: must be at least 1; got {args.threads_per_worker}")
-    threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // args.workers)
+    threads = args.threads_per_worker
+    if threads is None and args.workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // args.workers)  # N pools of all the cores would fight
+    # (One worker and no --threads-per-worker: ONNX Runtime's default pool, that of `sdort txt2img`. The
+    # pool's size can change the last bit of a few pixels, so only equal pools promise equal PNGs.)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} is not a folder")
+    check_provider(args.provider, args.precision)  # here, not in every worker
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.partial"):  # a killed run's temporary files: never outputs
         stale.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ import sys
 
 from ..schedulers import SCHEDULER_NAMES
 from . import png_info
+from .sessions import PRECISIONS, PROVIDERS
 from .generation import (SLD_OPTIONS, TASKS, XL_TASKS, LoadedModel, add_sld_inputs, check_writable, depth_paths,
                          generate, is_ldm3d_folder, is_xl_folder, output_paths, task_inputs, write_images)
 
@@ -81,13 +82,23 @@ def _add_task(parser: argparse.ArgumentParser, task: str) -> None:
         parser.add_argument("--width", type=int, default=None, help="image width, a multiple of 8")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--scheduler", default=None, help="scheduler class or short name (see `sdort schedulers`)")
-    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    add_provider_arguments(parser)
     parser.add_argument("--vae-tiling", action="store_true",
                         help="decode (and encode) large images in overlapping tiles, as diffusers' enable_tiling()")
     parser.add_argument("--vae-slicing", action="store_true", help="decode (and encode) one image at a time")
     parser.add_argument("-o", "--output", default="out.png", help="PNG to write; several images get -1, -2, ...")
     parser.add_argument("--from-png", default=None, metavar="IMAGE.png",
                         help="re-run with the parameters of a PNG sdort or A1111 wrote; options given here win")
+
+
+def add_provider_arguments(parser: argparse.ArgumentParser) -> None:
+    """--provider and --precision, as `from_pretrained` takes them."""
+    parser.add_argument("--provider", choices=PROVIDERS, default="auto",
+                        help="ONNX Runtime execution provider (auto: CUDA where available, else the CPU; "
+                             "openvino needs sdort[openvino])")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="compute precision where the provider can choose it (bf16: OpenVINO on CPUs with "
+                             "AVX-512 BF16 or AMX); fp32 keeps parity with diffusers")
 
 
 def build_parser(png_values: dict | None = None) -> argparse.ArgumentParser:
@@ -154,7 +165,8 @@ def run_task(args) -> int:
     if is_ldm3d_folder(args.command, args.model):
         check_writable(depth_paths(paths))
     add_sld_inputs(args, task_inputs(args, is_xl_folder(args.model)))  # the input files, before loading
-    loaded = LoadedModel(args.command, args.model, args.provider, getattr(args, "refiner", None))
+    loaded = LoadedModel(args.command, args.model, args.provider, getattr(args, "refiner", None),
+                         precision=args.precision)
     for path in write_images(generate(loaded, args), args.output):
         print(path)
     return 0

@@ -244,7 +244,8 @@ def task_inputs(args, xl: bool) -> dict:
     return kwargs
 
 
-def load_pipeline(class_name: str, provider: str, model: str, session_options=None, share=None):
+def load_pipeline(class_name: str, provider: str, model: str, session_options=None, share=None,
+                  precision: str = "fp32"):
     """The pipeline `class_name` on a model folder; with `share` (a loaded pipeline of the same folder),
     built on its sessions as diffusers' `OtherPipeline(**pipe.components)`, where it has the parts."""
     from .. import runtime
@@ -257,7 +258,7 @@ def load_pipeline(class_name: str, provider: str, model: str, session_options=No
             pass
     elif share is not None:
         return share
-    return cls.from_pretrained(model, provider=provider, session_options=session_options)
+    return cls.from_pretrained(model, provider=provider, session_options=session_options, precision=precision)
 
 
 def call_default(pipe, name: str):
@@ -270,7 +271,7 @@ class LoadedModel:
     for many generations; each generation may pick its own scheduler."""
 
     def __init__(self, task: str, model: str, provider: str = "auto", refiner: str | None = None,
-                 session_options=None, share: LoadedModel | None = None):
+                 session_options=None, share: LoadedModel | None = None, precision: str = "fp32"):
         """`session_options`: ONNX Runtime's, for every session (None: sdort's defaults); `share`: a
         LoadedModel of the same folder (another task) whose sessions this one reuses where it can."""
         self.task, self.model = task, str(model)
@@ -282,9 +283,11 @@ class LoadedModel:
         if refiner is not None:
             if not Path(refiner).is_dir():
                 raise FileNotFoundError(f"--refiner: {refiner}: no such model folder")
-            self.refiner = load_pipeline(XL_TASKS["img2img"], provider, refiner, session_options)
+            self.refiner = load_pipeline(XL_TASKS["img2img"], provider, refiner, session_options,
+                                         precision=precision)
         self.pipe = load_pipeline(pipeline_class_name(task, self.model), provider, self.model, session_options,
-                                  share.pipe if share is not None and share.model == self.model else None)
+                                  share.pipe if share is not None and share.model == self.model else None,
+                                  precision)
         self._schedulers = {None: (self.pipe.scheduler, self.refiner and self.refiner.scheduler)}
 
     def use_scheduler(self, name: str | None) -> None:

@@ -396,11 +396,12 @@ class Service:
     thread has its own copy of each (`LoadedModel.for_thread`), since a generation sets its scheduler
     on the pipeline."""
 
-    def __init__(self, model: str, provider: str, max_concurrency: int, queue_size: int, limits: Limits):
+    def __init__(self, model: str, provider: str, max_concurrency: int, queue_size: int, limits: Limits,
+                 precision: str = "fp32"):
         from .generation import LoadedModel
 
         self.model, self.provider, self.limits = str(model), provider, limits
-        txt2img = LoadedModel("txt2img", self.model, provider)
+        txt2img = LoadedModel("txt2img", self.model, provider, precision=precision)
         txt2img.pipe.set_progress_bar_config(disable=True)
         self.base = {"txt2img": txt2img}
         self.name = Path(self.model).resolve().name
@@ -581,7 +582,9 @@ def add_arguments(parser) -> None:
                         help="largest width x height of an image, generated or uploaded (default 1048576)")
     parser.add_argument("--max-images", type=int, default=16, help="largest batch_size x n_iter (default 16)")
     parser.add_argument("--max-body-mb", type=float, default=64, help="largest request body in MiB (default 64)")
-    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    from .cli import add_provider_arguments
+
+    add_provider_arguments(parser)
 
 
 def serve_command(args) -> int:
@@ -600,7 +603,7 @@ def serve_command(args) -> int:
     except ImportError:
         raise ValueError("serve: needs Starlette and uvicorn; install them with pip install 'sdort[serve]'") from None
     limits = Limits(args.max_pixels, args.max_images, int(args.max_body_mb * 2**20))
-    service = Service(args.model, args.provider, args.max_concurrency, args.queue_size, limits)
+    service = Service(args.model, args.provider, args.max_concurrency, args.queue_size, limits, args.precision)
     print(f"sdort serve: {service.name} on http://{args.host}:{args.port} (A1111 API under /sdapi/v1)",
           file=sys.stderr, flush=True)
     try:

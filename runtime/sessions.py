@@ -9,6 +9,7 @@ text embeddings, constant over all denoising steps) stays there between calls.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,12 +144,22 @@ def default_session_options(threads: int | None = None):
     return options
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def ready_to_run_file(path: Path, providers: list) -> Path | None:
     """The ready-to-run file the export saved beside `path` (`sd-export`'s model.ort.onnx: the graph
     as ONNX Runtime's CPU provider optimises it, see export/optimize.py), where a session of
-    `providers` can use it: the CPU provider alone and the ONNX Runtime version that wrote it, as the
-    model's sdort.json records. None otherwise: then model.onnx, optimised at load, serves (CUDA,
-    OpenVINO, another ONNX Runtime, an export without the file)."""
+    `providers` can use it: the CPU provider alone, the ONNX Runtime version that wrote it, and
+    `path` still the model.onnx it was made from (its SHA-256), as the model's sdort.json records.
+    None otherwise: then model.onnx, optimised at load, serves (CUDA, OpenVINO, another ONNX
+    Runtime, a graph edited since the export, an export without the file)."""
     manifest = path.parent.parent / "sdort.json"
     if providers != ["CPUExecutionProvider"] or path.name != "model.onnx" or not manifest.is_file():
         return None
@@ -157,7 +168,9 @@ def ready_to_run_file(path: Path, providers: list) -> Path | None:
     if ready.get("provider") != "CPUExecutionProvider" or ready.get("onnxruntime") != ort.__version__:
         return None
     file = path.parent / Path(str(ready.get("file", ""))).name  # a file of this folder, whatever it says
-    return file if file.is_file() and file != path else None
+    if not file.is_file() or file == path or ready.get("model_sha256") != file_sha256(path):
+        return None
+    return file
 
 
 # The graph optimisation level a ready-to-run file is opened with: its graph is already optimised.

@@ -111,18 +111,22 @@ def test_ready_to_run_only_where_it_applies(sd1, tmp_path):
     assert ready_to_run_file(unet, ["CUDAExecutionProvider", *cpu]) is None
     assert ready_to_run_file(unet, ["OpenVINOExecutionProvider", *cpu]) is None
     assert ready_to_run_file(out / "vae_decoder" / "model.onnx", cpu) is None  # none recorded
-    # another ONNX Runtime version wrote it: model.onnx
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
+    moved = copy / "unet" / "model.onnx"
+    assert ready_to_run_file(moved, cpu) == copy / "unet" / "model.ort.onnx"  # a copied folder keeps it
     manifest = json.loads((copy / "sdort.json").read_text())
-    manifest["parts"]["unet"]["optimization"]["ready_to_run"]["onnxruntime"] = "0.0.1"
+    record = manifest["parts"]["unet"]["optimization"]["ready_to_run"]
+    for key, value in (("onnxruntime", "0.0.1"),  # another ONNX Runtime wrote it
+                       ("file", "../vae_decoder/model.onnx")):  # a recorded name never leaves the folder
+        (copy / "sdort.json").write_text(json.dumps(manifest).replace(json.dumps(record[key]), json.dumps(value)))
+        assert ready_to_run_file(moved, cpu) is None, key
     (copy / "sdort.json").write_text(json.dumps(manifest))
-    assert ready_to_run_file(copy / "unet" / "model.onnx", cpu) is None
-    # a recorded name never leaves the part's folder
-    manifest["parts"]["unet"]["optimization"]["ready_to_run"].update(
-        onnxruntime=__import__("onnxruntime").__version__, file="../vae_decoder/model.onnx")
-    (copy / "sdort.json").write_text(json.dumps(manifest))
-    assert ready_to_run_file(copy / "unet" / "model.onnx", cpu) is None
+    # model.onnx edited after the export (its digest differs): model.onnx, never the stale file
+    graph = onnx.load(str(moved))
+    graph.doc_string = "edited"
+    onnx.save(graph, str(moved))
+    assert ready_to_run_file(moved, cpu) is None
 
 
 def test_identity_casts_removed_only():

@@ -43,8 +43,10 @@ class _PartWeights:
         self.map = ParameterMap(Path(model.path).parent, name)
         self.base: dict[str, np.ndarray] = {}  # initializer -> array as stored
         self.applied = ()  # the signature of what the session holds; () = the file's weights
-        self.fused: dict[str, np.ndarray] = {}  # param -> fused delta (float32, param layout)
-        self.fused_version = 0
+        # Fused adapters, by load key (see `AdapterMixin._adapters`): (layers, weight). `kept`: fused
+        # ones whose adapters were unloaded, which unfuse_lora no longer takes out (as diffusers).
+        self.fused: dict[str, tuple] = {}
+        self.kept: dict[str, tuple] = {}
         self.extra_rows = None  # textual inversion: rows appended to the token embedding
         self.token_embedding = next((n for n in TOKEN_EMBEDDINGS if n in self.map.parameters), TOKEN_EMBEDDINGS[0])
 
@@ -58,6 +60,10 @@ class _PartWeights:
         False where it already has them."""
         if signature == self.applied:
             return False
+        if not signature:  # the file's own weights
+            self.model.reload(None)
+            self.applied = ()
+            return True
         overrides = {}
         params = set(deltas) | ({self.token_embedding} if self.extra_rows is not None else set())
         places = {p: self.map.locations(p) for p in params}
@@ -87,6 +93,8 @@ class AdapterMixin:
         if state is None:
             state = self.__dict__["_adapter_state"] = {
                 "loras": {},  # adapter -> component -> param -> LoraLayer
+                "keys": {},  # adapter -> a key unique to this load of it
+                "loaded": 0,
                 "weights": {},  # adapter -> component -> weight (set_adapters)
                 "active": [],
                 "enabled": True,
@@ -114,18 +122,26 @@ class AdapterMixin:
             part = self._part_weights(component)
             if part is None:
                 continue
-            deltas = {param: delta.copy() for param, delta in part.fused.items()}
-            used = []
+            # The weights are base + sum of weight * LoRA over these terms, by load key: what is fused
+            # or kept and the active, unfused adapters. Equal sums give equal weights, so fusing at
+            # lora_scale 1 or unfusing into the same active adapters re-creates nothing.
+            terms: dict[str, list] = {}
+            for key, (layers, weight) in [*part.kept.items(), *part.fused.items()]:
+                terms.setdefault(key, [layers, 0.0])[1] += weight
             if state["enabled"]:
                 for name in state["active"]:
                     layers = state["loras"][name].get(component)
-                    if not layers or (name, component) in state["merged"]:
-                        continue
-                    weight = state["weights"][name].get(component, 1.0)
-                    used.append((name, weight))
-                    self._add_deltas(deltas, part, layers, weight)
+                    if layers and (name, component) not in state["merged"]:
+                        terms.setdefault(state["keys"][name], [layers, 0.0])[1] += state["weights"][name].get(component, 1.0)
+            terms = {key: term for key, term in terms.items() if term[1] != 0}
             rows = 0 if part.extra_rows is None else len(part.extra_rows)
-            signature = (tuple(used), part.fused_version, rows) if (deltas or rows) else ()
+            signature = (tuple(sorted((key, weight) for key, (_, weight) in terms.items())), rows) \
+                if (terms or rows) else ()
+            if signature == part.applied:
+                continue
+            deltas = {}
+            for layers, weight in terms.values():
+                self._add_deltas(deltas, part, layers, weight)
             part.apply(deltas, signature)
 
     @staticmethod
@@ -161,6 +177,8 @@ class AdapterMixin:
             for param in found:
                 part.map.locations(param)
         state["loras"][name] = layers
+        state["loaded"] += 1
+        state["keys"][name] = f"{name}#{state['loaded']}"
         state["weights"][name] = {c: 1.0 for c in layers}
         state["active"] = [*state["active"], name]
         self._refresh(list(layers))
@@ -223,6 +241,7 @@ class AdapterMixin:
         for name in [adapter_names] if isinstance(adapter_names, str) else list(adapter_names):
             state["loras"].pop(name, None)
             state["weights"].pop(name, None)
+            state["keys"].pop(name, None)
             state["merged"] = {m for m in state["merged"] if m[0] != name}
             state["active"] = [n for n in state["active"] if n != name]
         self._refresh()
@@ -241,19 +260,22 @@ class AdapterMixin:
             part = self._part_weights(component)
             if part is None:
                 continue
-            fused = {param: delta.copy() for param, delta in part.fused.items()}
-            added = False
-            for name in names:
-                if (name, component) in state["merged"] or component not in state["loras"].get(name, {}):
-                    continue
+            fusing = [n for n in names if (n, component) not in state["merged"] and component in state["loras"].get(n, {})]
+            if safe_fusing:
+                deltas = {}
+                for name in fusing:
+                    weight = state["weights"][name].get(component, 1.0) * lora_scale
+                    self._add_deltas(deltas, part, state["loras"][name][component], weight)
+                if any(not np.all(np.isfinite(d)) for d in deltas.values()):
+                    raise ValueError(f"fuse_lora: the fused {component} weights are not finite; nothing was fused")
+            for name in fusing:
+                key, layers = state["keys"][name], state["loras"][name][component]
                 weight = state["weights"][name].get(component, 1.0) * lora_scale
-                self._add_deltas(fused, part, state["loras"][name][component], weight)
+                part.fused[key] = (layers, part.fused.get(key, (layers, 0.0))[1] + weight)
                 state["merged"].add((name, component))
-                added = True
-            if safe_fusing and any(not np.all(np.isfinite(d)) for d in fused.values()):
-                raise ValueError(f"fuse_lora: the fused {component} weights are not finite; nothing was fused")
-            if added:
-                part.fused, part.fused_version = fused, part.fused_version + 1
+                # as diffusers: PEFT's `scale_layer(lora_scale)` before merging stays on the layer, so
+                # after `unfuse_lora` the adapter runs at weight * lora_scale until `set_adapters`
+                state["weights"][name][component] *= lora_scale
         self._refresh()
 
     def unfuse_lora(self, components=None, **kwargs):
@@ -263,8 +285,8 @@ class AdapterMixin:
         components = components or self._present_components()
         for component in components:
             part = self._part_weights(component)
-            if part is not None and part.fused:
-                part.fused, part.fused_version = {}, part.fused_version + 1
+            if part is not None:
+                part.fused = {}
         state["merged"] = {m for m in state["merged"] if m[1] not in components}
         self._refresh()
 
@@ -272,7 +294,11 @@ class AdapterMixin:
         """diffusers' `unload_lora_weights`: remove every adapter; what `fuse_lora` fused stays in the
         weights (diffusers' way to keep a fused LoRA without its layers)."""
         state = self._adapters()
-        state.update(loras={}, weights={}, active=[], merged=set())
+        state.update(loras={}, weights={}, keys={}, active=[], merged=set())
+        for part in state["parts"].values():  # PEFT's layers removed, their merged weights stay
+            for key, (layers, weight) in part.fused.items():
+                part.kept[key] = (layers, part.kept.get(key, (layers, 0.0))[1] + weight)
+            part.fused = {}
         self._refresh()
 
     # ---- textual inversion ------------------------------------------------------------------
