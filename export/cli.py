@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .exporter import DTYPES, ExportCheckError, export
-from .lora_fusing import parse_lora_argument
+from ..runtime.lora import parse_lora_argument
 from .sources import PRESETS
 
 

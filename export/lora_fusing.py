@@ -17,17 +17,6 @@ import numpy as np
 from .parameter_map import adaptable_parameters
 
 
-def parse_lora_argument(value: str) -> tuple[str, float]:
-    """`FILE[:SCALE]` -> (file, scale); a path that itself holds ':' keeps it when no number follows."""
-    head, sep, tail = value.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return value, 1.0
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:

@@ -32,6 +32,7 @@ Three things stood between sdort's traced UNet and ONNX Runtime's fuser; they ar
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -167,8 +168,9 @@ def drop_identity_casts(model: onnx.ModelProto) -> int:
     renamed = {node.output[0]: node.input[0] for node in casts}
     for node in model.graph.node:
         for index, name in enumerate(node.input):
-            if name in renamed:
-                node.input[index] = renamed[name]
+            while name in renamed:  # through a chain of such Casts, to the first one's input
+                name = renamed[name]
+            node.input[index] = name
     for node in casts:
         model.graph.node.remove(node)
     return len(casts)
@@ -235,10 +237,18 @@ def optimize_part(name: str, folder: Path, dtype: str, target: str = "cpu") -> d
     if name not in MODEL_TYPES or dtype != "fp32":
         return None
     path = folder / "model.onnx"
-    model = optimize(onnx.load(str(path)), name, target)
-    fused = fused_op_counts(model)
-    for stale in (path, folder / "model.onnx_data"):
-        stale.unlink(missing_ok=True)  # onnx appends external data to an existing file
-    save(model, folder)
-    del model
-    return {"target": target, "fused": fused, "ready_to_run": write_ready_to_run(folder)}
+    record = {"target": target}
+    try:
+        model = optimize(onnx.load(str(path)), name, target)
+    except Exception as exc:  # noqa: BLE001  the fuser on a graph it does not know: keep the traced one
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        warnings.warn(f"{name}: ONNX Runtime's graph fusions failed ({message}); the traced graph is kept")
+        record.update(fused={}, fusion_error=message)
+    else:
+        record["fused"] = fused_op_counts(model)
+        for stale in (path, folder / "model.onnx_data"):
+            stale.unlink(missing_ok=True)  # onnx appends external data to an existing file
+        save(model, folder)
+        del model
+    record["ready_to_run"] = write_ready_to_run(folder)
+    return record

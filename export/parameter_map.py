@@ -75,6 +75,18 @@ def digest_parameters(module, float16: bool) -> dict[tuple, list[tuple[str, bool
     return found
 
 
+def _external_array(tensor, folder: Path) -> np.ndarray:
+    """An initializer kept in the export's own weights file, read from it (the file this export just
+    wrote; onnx's reader refuses files with several hard links, which copies made with `cp -al` have)."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    dtype = np.dtype("<f2" if tensor.data_type == 10 else "<f4")
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    with open(folder / info["location"], "rb") as file:
+        file.seek(int(info.get("offset", 0)))
+        data = file.read(count * dtype.itemsize)
+    return np.frombuffer(data, dtype).reshape(tuple(tensor.dims))
+
+
 def match(digests: dict, model_path: Path) -> dict:
     """parameters.json's content for the saved graph at `model_path` (external data read one
     initializer at a time)."""
@@ -88,12 +100,9 @@ def match(digests: dict, model_path: Path) -> dict:
     for tensor in model.graph.initializer:
         if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) or len(tensor.dims) not in (2, 3, 4):
             continue
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(model_path.parent))
-        array = numpy_helper.to_array(tensor)
+        array = _external_array(tensor, model_path.parent) if tensor.data_location == onnx.TensorProto.EXTERNAL \
+            else numpy_helper.to_array(tensor)
         holders = digests.get(_digest(array), [])
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.HasField("raw_data"):
-            tensor.ClearField("raw_data")  # free the bytes again
         names = {name for name, _ in holders}
         if len(names) > 1:  # identical parameters: which is which cannot be told
             ambiguous.update(names)

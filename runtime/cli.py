@@ -19,6 +19,7 @@ import sys
 
 from ..schedulers import SCHEDULER_NAMES
 from . import png_info
+from .lora import parse_embedding_argument, parse_lora_argument
 from .sessions import PRECISIONS, PROVIDERS
 from .generation import (SLD_OPTIONS, TASKS, XL_TASKS, LoadedModel, add_sld_inputs, check_writable, depth_paths,
                          generate, is_ldm3d_folder, is_xl_folder, output_paths, task_inputs, write_images)
@@ -39,6 +40,11 @@ def _add_task(parser: argparse.ArgumentParser, task: str) -> None:
     parser.add_argument("--model", required=True, help="folder written by sd-export (or Optimum)")
     if takes_prompt:
         parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
+        parser.add_argument("--lora", metavar="FILE[:SCALE]", action="append", default=None, type=parse_lora_argument,
+                            help="a LoRA (diffusers/PEFT or kohya .safetensors) at SCALE (default 1); repeatable")
+        parser.add_argument("--embedding", metavar="FILE[:TOKEN]", action="append", default=None,
+                            type=parse_embedding_argument,
+                            help="a textual-inversion embedding, as TOKEN (default: the file's); repeatable")
         if task != "latent-upscale":  # diffusers' latent upscaler has no clip_skip
             parser.add_argument("--clip-skip", type=int, default=None,
                                 help="text encoder layers to skip from the end for the prompt (diffusers' clip_skip)")
@@ -166,7 +172,8 @@ def run_task(args) -> int:
         check_writable(depth_paths(paths))
     add_sld_inputs(args, task_inputs(args, is_xl_folder(args.model)))  # the input files, before loading
     loaded = LoadedModel(args.command, args.model, args.provider, getattr(args, "refiner", None),
-                         precision=args.precision)
+                         precision=args.precision, loras=getattr(args, "lora", None) or (),
+                         embeddings=getattr(args, "embedding", None) or ())
     for path in write_images(generate(loaded, args), args.output):
         print(path)
     return 0

@@ -271,9 +271,13 @@ class LoadedModel:
     for many generations; each generation may pick its own scheduler."""
 
     def __init__(self, task: str, model: str, provider: str = "auto", refiner: str | None = None,
-                 session_options=None, share: LoadedModel | None = None, precision: str = "fp32"):
+                 session_options=None, share: LoadedModel | None = None, precision: str = "fp32",
+                 loras=(), embeddings=()):
         """`session_options`: ONNX Runtime's, for every session (None: sdort's defaults); `share`: a
-        LoadedModel of the same folder (another task) whose sessions this one reuses where it can."""
+        LoadedModel of the same folder (another task) whose sessions this one reuses where it can;
+        `loras`: [(file, scale)], made the active adapters with their scales (diffusers'
+        `load_lora_weights` + `set_adapters`); `embeddings`: [(file, token or None)], loaded with
+        `load_textual_inversion`."""
         self.task, self.model = task, str(model)
         self.xl = is_xl_folder(self.model)
         if refiner is not None and not self.xl:
@@ -289,6 +293,19 @@ class LoadedModel:
                                   share.pipe if share is not None and share.model == self.model else None,
                                   precision)
         self._schedulers = {None: (self.pipe.scheduler, self.refiner and self.refiner.scheduler)}
+        self.loras, self.embeddings = list(loras), list(embeddings)
+        if (self.loras or self.embeddings) and not hasattr(self.pipe, "load_lora_weights"):
+            flag = "--lora" if self.loras else "--embedding"
+            raise ValueError(f"{flag}: {type(self.pipe).__name__} takes no LoRA or textual-inversion weights")
+        if self.loras or self.embeddings:
+            with self.pipe.adapter_changes():  # each changed session re-created once, at the end
+                for number, (file, _) in enumerate(self.loras, 1):
+                    self.pipe.load_lora_weights(file, adapter_name=f"lora{number}")
+                if self.loras:
+                    self.pipe.set_adapters([f"lora{n}" for n in range(1, len(self.loras) + 1)],
+                                           [scale for _, scale in self.loras])
+                for file, token in self.embeddings:
+                    self.pipe.load_textual_inversion(file, token=token)
 
     def use_scheduler(self, name: str | None) -> None:
         """Give the pipelines the scheduler `name` (None: the folder's own), built from the folder's
@@ -384,6 +401,11 @@ def generate(loaded: LoadedModel, args) -> Generation:
         parameters["strength"] = inputs.get("strength", call_default(pipe, "strength"))
     if args.scheduler:  # the name given, options (Karras sigmas...) included, for --from-png
         parameters["scheduler_name"] = args.scheduler
+    if loaded.loras:
+        parameters["lora"] = ", ".join(f"{file}:{scale:g}" for file, scale in loaded.loras)
+    if loaded.embeddings:
+        parameters["embedding"] = ", ".join(file if token is None else f"{file}:{token}"
+                                            for file, token in loaded.embeddings)
     fields = png_info.a1111_fields(parameters, pipe.scheduler)  # A1111's `parameters` text, for other tools
     parameters[png_info.PARAMETERS_KEY] = png_info.infotext(parameters["prompt"], parameters["negative_prompt"], fields)
     return Generation(list(images), parameters, None if depths is None else list(depths))

@@ -251,3 +251,23 @@ def read_embedding(path) -> dict[str, np.ndarray]:
             raise ValueError(f"{path}: '{key}' has shape {list(value.shape)}; an embedding is [D] or [vectors, D]")
         found[key] = value.reshape(-1, value.shape[-1])
     return found
+
+
+def parse_lora_argument(value: str) -> tuple[str, float]:
+    """`--lora FILE[:SCALE]` (sd-export and the generation commands) -> (file, scale); a path that
+    itself holds ':' keeps it when no number follows."""
+    head, sep, tail = value.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return value, 1.0
+
+
+def parse_embedding_argument(value: str) -> tuple[str, str | None]:
+    """`--embedding FILE[:TOKEN]` -> (file, token or None: the file's own, as load_textual_inversion)."""
+    head, sep, tail = value.rpartition(":")
+    if not sep or not head or Path(value).exists():
+        return value, None
+    return head, tail or None

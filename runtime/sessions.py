@@ -160,12 +160,8 @@ def ready_to_run_file(path: Path, providers: list) -> Path | None:
     `path` still the model.onnx it was made from (its SHA-256), as the model's sdort.json records.
     None otherwise: then model.onnx, optimised at load, serves (CUDA, OpenVINO, another ONNX
     Runtime, a graph edited since the export, an export without the file)."""
-    manifest = path.parent.parent / "sdort.json"
-    if providers != ["CPUExecutionProvider"] or path.name != "model.onnx" or not manifest.is_file():
-        return None
-    part = read_json(manifest).get("parts", {}).get(path.parent.name, {})
-    ready = (part.get("optimization") or {}).get("ready_to_run") or {}
-    if ready.get("provider") != "CPUExecutionProvider" or ready.get("onnxruntime") != ort.__version__:
+    ready = _ready_record(path, providers)
+    if ready.get("onnxruntime") != ort.__version__:
         return None
     file = path.parent / Path(str(ready.get("file", ""))).name  # a file of this folder, whatever it says
     if not file.is_file() or file == path or ready.get("model_sha256") != file_sha256(path):
@@ -173,8 +169,24 @@ def ready_to_run_file(path: Path, providers: list) -> Path | None:
     return file
 
 
-# The graph optimisation level a ready-to-run file is opened with: its graph is already optimised.
+def _ready_record(path: Path, providers: list) -> dict:
+    """What sdort.json says of the CPU ready-to-run file of `path`'s part; {} where it says nothing or
+    `providers` are not the CPU provider alone."""
+    manifest = path.parent.parent / "sdort.json"
+    if providers != ["CPUExecutionProvider"] or path.name != "model.onnx" or not manifest.is_file():
+        return {}
+    part = read_json(manifest).get("parts", {}).get(path.parent.name, {})
+    ready = (part.get("optimization") or {}).get("ready_to_run") or {}
+    return ready if ready.get("provider") == "CPUExecutionProvider" else {}
+
+
+# A part with a ready-to-run file runs the graph of ONNX Runtime's EXTENDED level on the CPU: the file
+# as it is (no optimisation at load), or model.onnx optimised at load to the same level where the file
+# cannot serve (LoRA weights, an edited graph, another ONNX Runtime), so both give the same numbers.
+# ALL's NCHWc layouts on top were no faster on SD 1.5's UNet (batch 2 at 512 px: 16.5 s against
+# 15.0 s) and cost 9 of the 11.5 CPU seconds of its load (benchmarks/bench_cpu_graph.py).
 READY_TO_RUN_LEVEL = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+CPU_GRAPH_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
 
 
 class OnnxModel:
@@ -209,10 +221,10 @@ class OnnxModel:
         # The export's ready-to-run CPU graph loads in a fraction of model.onnx's time (no optimisation
         # at load); used with sdort's own session options and the file's own weights only.
         self.file = path
-        ready = ready_to_run_file(path, providers) if session_options is None and not self.initializers else None
-        if ready is not None:
-            self.file = ready
-            options.graph_optimization_level = READY_TO_RUN_LEVEL
+        if session_options is None and _ready_record(path, providers):
+            ready = None if self.initializers else ready_to_run_file(path, providers)
+            self.file = ready or path
+            options.graph_optimization_level = READY_TO_RUN_LEVEL if ready else CPU_GRAPH_LEVEL
         check_model_file(self.file)  # before ONNX Runtime reads it: a corrupt file, weights outside the folder
         cuda_tried = "CUDAExecutionProvider" in providers
         try:

@@ -342,3 +342,32 @@ def test_sdxl_unet_and_both_text_encoders(sdxl, tmp_path):
     close(images(ours, False), images(reference, True), base)
     ours.set_adapters([], [])
     assert np.array_equal(images(ours, False), base)
+
+
+def test_cli_lora_recreates_each_changed_part_once(sd1_lora, tmp_path, monkeypatch):
+    """`sdort txt2img --lora A:0.6 --lora B` gives the image of load_lora_weights + set_adapters, and
+    re-creates the UNet's and the text encoder's sessions once each for both files (not once per call)."""
+    from PIL import Image
+
+    from sdort.runtime import cli
+    from sdort.runtime.randomness import TorchGenerator
+    from sdort.runtime.sessions import OnnxModel
+
+    folder, peft_file, kohya_file = sd1_lora
+    reloads, reload = [], OnnxModel.reload
+    monkeypatch.setattr(OnnxModel, "reload", lambda self, found: (reloads.append(self.name), reload(self, found))[1])
+    out = tmp_path / "lora.png"
+    argv = ["txt2img", "--model", str(folder), PROMPT, "--steps", "2", "--height", "32", "--width", "32",
+            "--seed", "5", "--lora", f"{peft_file}:0.6", "--lora", str(kohya_file), "-o", str(out)]
+    assert cli.main(argv) == 0
+    assert sorted(reloads) == ["text_encoder", "unet"]
+    monkeypatch.setattr(OnnxModel, "reload", reload)
+
+    ours = _sdort_pipe(folder)
+    ours.load_lora_weights(peft_file, adapter_name="a")
+    ours.load_lora_weights(kohya_file, adapter_name="b")
+    ours.set_adapters(["a", "b"], [0.6, 1.0])
+    expected = ours(PROMPT, num_inference_steps=2, height=32, width=32, generator=TorchGenerator(5)).images[0]
+    with Image.open(out) as written:
+        assert np.array_equal(np.asarray(written), np.asarray(expected))
+        assert written.text["lora"] == f"{peft_file}:0.6, {kohya_file}:1"

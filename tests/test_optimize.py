@@ -136,10 +136,11 @@ def test_identity_casts_removed_only():
 
     graph = helper.make_graph(
         [helper.make_node("Cast", ["x"], ["same"], to=TensorProto.FLOAT),
-         helper.make_node("Cast", ["same"], ["half"], to=TensorProto.FLOAT16),
+         helper.make_node("Cast", ["same"], ["again"], to=TensorProto.FLOAT),  # a chain of them
+         helper.make_node("Cast", ["again"], ["half"], to=TensorProto.FLOAT16),
          helper.make_node("Cast", ["half"], ["y"], to=TensorProto.FLOAT)],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
     model = helper.make_model(graph)
-    assert drop_identity_casts(model) == 1
+    assert drop_identity_casts(model) == 2
     assert [(n.input[0], n.output[0]) for n in model.graph.node] == [("x", "half"), ("half", "y")]

@@ -79,3 +79,26 @@ def test_sdxl_both_text_encoders(sdxl, tmp_path):
                                      text_encoder=reference.text_encoder_2, tokenizer=reference.tokenizer_2)
     ours.load_textual_inversion(file, token="<tok>")  # both encoders from the one file
     close(_images(ours, False, prompt), _images(reference, True, prompt), base)
+
+
+def test_cli_embedding(sd1, tmp_path):
+    """`--embedding FILE:TOKEN` (A1111's format, token given) and `--embedding FILE` (diffusers' format,
+    the file's token) give the image of load_textual_inversion with the same prompt and seed."""
+    from PIL import Image
+
+    from sdort.runtime import cli
+    from sdort.runtime.randomness import TorchGenerator
+
+    _, folder = sd1
+    rng = np.random.default_rng(3)
+    owl = _save(tmp_path / "owl.safetensors", {"emb_params": rng.standard_normal((2, 32), dtype=np.float32)})
+    cat = _save(tmp_path / "cat.safetensors", {"<cat>": rng.standard_normal(32, dtype=np.float32)})
+    prompt, out = "a <owl> and a <cat>", tmp_path / "ti.png"
+    assert cli.main(["txt2img", "--model", str(folder), prompt, "--steps", "2", "--height", "32", "--width", "32",
+                     "--seed", "9", "--embedding", f"{owl}:<owl>", "--embedding", str(cat), "-o", str(out)]) == 0
+    ours = _sdort_pipe(folder)
+    ours.load_textual_inversion(owl, token="<owl>")
+    ours.load_textual_inversion(cat)
+    expected = ours(prompt, num_inference_steps=2, height=32, width=32, generator=TorchGenerator(9)).images[0]
+    with Image.open(out) as written:
+        assert np.array_equal(np.asarray(written), np.asarray(expected))

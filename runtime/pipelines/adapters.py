@@ -21,6 +21,7 @@ layout of every parameter (see export/parameter_map.py); an export without it mu
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from pathlib import Path
 
@@ -100,8 +101,25 @@ class AdapterMixin:
                 "enabled": True,
                 "merged": set(),  # (adapter, component) fused into the weights
                 "parts": {},  # component -> _PartWeights
+                "held": None,  # inside adapter_changes(): the components whose refresh waits
             }
         return state
+
+    @contextlib.contextmanager
+    def adapter_changes(self):
+        """Hold the re-creation of sessions until the block ends, so that loading several LoRAs and
+        setting their weights re-creates each changed part once (sdort's; diffusers has no sessions)."""
+        state = self._adapters()
+        if state["held"] is not None:  # nested: the outer block refreshes
+            yield
+            return
+        state["held"] = set()
+        try:
+            yield
+        finally:
+            held, state["held"] = state["held"], None
+            if held:
+                self._refresh(sorted(held))
 
     def _part_weights(self, component: str) -> _PartWeights | None:
         parts = self._adapters()["parts"]
@@ -116,9 +134,13 @@ class AdapterMixin:
         return [c for c in COMPONENTS if getattr(self, c, None) is not None]
 
     def _refresh(self, components=None) -> None:
-        """Re-create the sessions of `components` (default: all) whose effective weights changed."""
+        """Re-create the sessions of `components` (default: every part an adapter touched) whose
+        effective weights changed."""
         state = self._adapters()
-        for component in components or self._present_components():
+        if state["held"] is not None:
+            state["held"].update(components or list(state["parts"]))
+            return
+        for component in components or list(state["parts"]):
             part = self._part_weights(component)
             if part is None:
                 continue
@@ -158,6 +180,9 @@ class AdapterMixin:
         """diffusers' `load_lora_weights`: read a LoRA .safetensors file (diffusers / PEFT or kohya) for
         the UNet and text encoder(s) as adapter `adapter_name` (default `default_<n>`, n the adapters
         loaded so far) and make it active (with weight 1) beside the active ones."""
+        if not isinstance(pretrained_model_name_or_path_or_dict, (str, Path)):
+            raise ValueError("load_lora_weights: give the path of a .safetensors file (or of a folder holding "
+                             "pytorch_lora_weights.safetensors); sdort does not take state dicts of torch tensors")
         if kwargs.get("weight_name"):
             pretrained_model_name_or_path_or_dict = Path(pretrained_model_name_or_path_or_dict) / kwargs["weight_name"]
         path = Path(pretrained_model_name_or_path_or_dict)
@@ -254,7 +279,7 @@ class AdapterMixin:
         state = self._adapters()
         names = state["active"] if adapter_names is None else (
             [adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
-        for component in components or self._present_components():
+        for component in components or list(state["parts"]):
             if component not in COMPONENTS:
                 raise ValueError(f"components: {component!r} is not one of {list(COMPONENTS)}")
             part = self._part_weights(component)
@@ -282,7 +307,7 @@ class AdapterMixin:
         """diffusers' `unfuse_lora`: take the fused adapters out of the weights again; they run unfused
         (if active), as before `fuse_lora`."""
         state = self._adapters()
-        components = components or self._present_components()
+        components = components or list(state["parts"])
         for component in components:
             part = self._part_weights(component)
             if part is not None:
