@@ -237,7 +237,9 @@ def main(argv=None) -> int:
         print(f"sdort: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: outputs are written by rename, so nothing partial is left
-        print("sdort: interrupted; no image written", file=sys.stderr)
+        done = {"batch": "the images and manifest written so far are kept; run it again to resume",
+                "serve": "server stopped"}
+        print(f"sdort: interrupted; {done.get(args.command, 'no image written')}", file=sys.stderr)
         return 130
 
 

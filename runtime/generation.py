@@ -252,8 +252,14 @@ def load_pipeline(class_name: str, provider: str, model: str, session_options=No
 
     cls = getattr(runtime, class_name)
     if share is not None and type(share) is not cls:
+        # the folder's settings too (requires_safety_checker, SDXL's config_names), which diffusers'
+        # `components` leaves out: without them the new pipeline would take the defaults
+        takes = inspect.signature(cls.__init__).parameters
+        known = {**getattr(share, "config", {}), **vars(share)}
+        settings = {name: known[name] for name in ("requires_safety_checker", *cls.config_names)
+                    if name in takes and name in known}
         try:
-            return cls(**share.components)
+            return cls(**share.components, **settings)
         except (TypeError, ValueError):  # a part the other task has no use for (depth2img's estimator)
             pass
     elif share is not None:
