@@ -53,6 +53,7 @@ _DISABLED = {
 FUSED_OPS = ("MultiHeadAttention", "Attention", "LayerNormalization", "SkipLayerNormalization", "Gelu",
              "BiasGelu", "FastGelu", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "NhwcConv", "BiasAdd")
 
+
 def _unet_optimizer_class():
     """ONNX Runtime's UNet optimiser with the attention fusion of `_CpuAttention` (defined here because
     `onnxruntime.transformers` modules import each other by bare name once the package is imported)."""
@@ -212,6 +213,8 @@ def write_ready_to_run(folder: Path) -> dict:
     """
     import onnxruntime as ort
 
+    from sdort.runtime.sessions import file_sha256
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -221,8 +224,6 @@ def write_ready_to_run(folder: Path) -> dict:
     for stale in (folder / READY_FILE, folder / READY_DATA):
         stale.unlink(missing_ok=True)  # ONNX Runtime appends to an existing data file
     ort.InferenceSession(str(folder / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"])
-    from sdort.runtime.sessions import file_sha256
-
     # model.onnx's digest: the runtime takes the file only while model.onnx is the graph it came from
     return {"file": READY_FILE, "provider": "CPUExecutionProvider", "onnxruntime": ort.__version__,
             "level": "extended", "model_sha256": file_sha256(folder / "model.onnx")}
