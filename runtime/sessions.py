@@ -169,15 +169,32 @@ def ready_to_run_file(path: Path, providers: list) -> Path | None:
     return file
 
 
+def _optimization_record(path: Path) -> dict:
+    """What the export's sdort.json says of the graph optimisation of `path`'s part ({} if nothing)."""
+    manifest = path.parent.parent / "sdort.json"
+    if path.name != "model.onnx" or not manifest.is_file():
+        return {}
+    return read_json(manifest).get("parts", {}).get(path.parent.name, {}).get("optimization") or {}
+
+
 def _ready_record(path: Path, providers: list) -> dict:
     """What sdort.json says of the CPU ready-to-run file of `path`'s part; {} where it says nothing or
     `providers` are not the CPU provider alone."""
-    manifest = path.parent.parent / "sdort.json"
-    if providers != ["CPUExecutionProvider"] or path.name != "model.onnx" or not manifest.is_file():
+    if providers != ["CPUExecutionProvider"]:
         return {}
-    part = read_json(manifest).get("parts", {}).get(path.parent.name, {})
-    ready = (part.get("optimization") or {}).get("ready_to_run") or {}
+    ready = _optimization_record(path).get("ready_to_run") or {}
     return ready if ready.get("provider") == "CPUExecutionProvider" else {}
+
+
+def _check_openvino_graph(path: Path, name: str) -> None:
+    """OpenVINO runs standard ONNX operators only: refuse a graph the export fused for ONNX Runtime's
+    CPU provider (com.microsoft MultiHeadAttention, Gelu) before ONNX Runtime splits it between the
+    two providers (onnxruntime-openvino 1.24 then fails at the first call)."""
+    fused = _optimization_record(path).get("fused") or {}
+    if fused:
+        raise ValueError(f"{path}: the '{name}' graph was fused for ONNX Runtime's CPU provider "
+                         f"({', '.join(sorted(fused))}), operators OpenVINO does not run; for provider='openvino' "
+                         f"export the model with `sd-export SRC OUT --no-optimize`")
 
 
 # A part with a ready-to-run file runs the graph of ONNX Runtime's EXTENDED level on the CPU: the file
@@ -205,6 +222,8 @@ class OnnxModel:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: the '{self.name}' model file is missing")
         providers = _providers(provider, precision)
+        if provider == "openvino":
+            _check_openvino_graph(path, self.name)
         self.precision = precision
         options = session_options or default_session_options()
         # `initializers` (name -> numpy array) replace the file's weights of those names: run-time

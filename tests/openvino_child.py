@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from sdort.runtime import StableDiffusionPipeline, openvino
+from sdort.runtime.sessions import OnnxModel
 
 
 def providers_that_ran(pipe) -> dict:
@@ -33,6 +34,16 @@ def providers_that_ran(pipe) -> dict:
     return seen
 
 
+def profiled(path: Path, precision: str, prefix: Path) -> OnnxModel:
+    """The part's session on OpenVINO with profiling on, to read which provider ran each node."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False
+    options.enable_profiling = True
+    options.profile_file_prefix = str(prefix)
+    return OnnxModel(path, provider="openvino", precision=precision, session_options=options)
+
+
 def main() -> None:
     request = json.loads(Path(sys.argv[1]).read_text())
     out = Path(request["out"])
@@ -42,14 +53,13 @@ def main() -> None:
               "openvino_cpu": openvino.openvino_cpu_properties(), "bf16": supported, "bf16_evidence": evidence,
               "runs": {}}
     for precision in ("fp32", "bf16"):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.enable_cpu_mem_arena = False
-        options.enable_profiling = True  # to read which provider ran each node
-        options.profile_file_prefix = str(out / f"profile-{precision}")
         try:
+            # each part its own profile prefix: ONNX Runtime names the file by the second the session
+            # started, so parts loaded within one second would share (and overwrite) one file
+            parts = {part: profiled(Path(request["model"]) / part / "model.onnx", precision, out / f"profile-{precision}-{part}")
+                     for part in ("text_encoder", "unet", "vae_decoder")}
             pipe = StableDiffusionPipeline.from_pretrained(request["model"], provider="openvino", precision=precision,
-                                                           session_options=options)
+                                                           **parts)
         except ValueError as exc:
             report["runs"][precision] = {"error": str(exc)}
             continue
@@ -58,6 +68,12 @@ def main() -> None:
         np.save(out / f"image-{precision}.npy", image)
         report["runs"][precision] = {"image": str(out / f"image-{precision}.npy"),
                                      "ran_on": providers_that_ran(pipe), "device": pipe.unet.device}
+    if request.get("fused_model"):  # an export with the CPU fusions: refused, naming the way out
+        try:
+            StableDiffusionPipeline.from_pretrained(request["fused_model"], provider="openvino")
+            report["fused"] = {"error": None}
+        except ValueError as exc:
+            report["fused"] = {"error": str(exc)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
 
 

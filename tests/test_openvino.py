@@ -70,7 +70,7 @@ def openvino_runs(sd1, tmp_path_factory):
     expected = reference(latents=torch.from_numpy(latents), output_type="np", **CALL).images
     request = work / "request.json"
     request.write_text(json.dumps({"model": str(folder), "latents": str(work / "latents.npy"), "out": str(work),
-                                   "call": CALL}))
+                                   "call": CALL, "fused_model": str(optimized)}))
     env = {**os.environ, "PYTHONPATH": str(checkout_path_dir(work / "path", REPO)), "TQDM_DISABLE": "1"}
     log = work / "child.log"
     code = run_logged([venv / "bin" / "python", Path(__file__).parent / "openvino_child.py", request], log,
@@ -108,6 +108,14 @@ def test_openvino_bf16_where_the_cpu_has_it(openvino_runs):
     print(f"bf16 vs fp32 on OpenVINO: max abs difference {difference:.4g} on [0, 1]")
     assert difference > 1e-4, "bf16 gave fp32's image: the precision hint did not take effect"
     assert difference <= BF16_TOLERANCE
+
+
+def test_openvino_refuses_graphs_fused_for_the_cpu_provider(openvino_runs):
+    """sd-export's default (fused) graphs hold com.microsoft operators: refused with the way out."""
+    _, report = openvino_runs
+    message = report["fused"]["error"] or ""
+    assert "fused for ONNX Runtime's CPU provider" in message and "MultiHeadAttention" in message
+    assert "--no-optimize" in message
 
 
 def test_openvino_provider_missing_names_the_package(sd1):
