@@ -9,20 +9,12 @@ source does one component at a time.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
+from ..runtime.sessions import file_sha256
 from .parameter_map import adaptable_parameters
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fuse_loras(source, loras) -> list[dict]:
@@ -42,7 +34,7 @@ def fuse_loras(source, loras) -> list[dict]:
             raise FileNotFoundError(f"{path}: no such LoRA file (--lora)")
         for component, layers in read_lora(path, known).items():
             per_component.setdefault(component, []).append((layers, float(scale)))
-        entries.append({"file": path.name, "scale": float(scale), "sha256": _sha256(path)})
+        entries.append({"file": path.name, "scale": float(scale), "sha256": file_sha256(path)})
 
     def fused(module, component):
         weights = adaptable_parameters(module)

@@ -192,7 +192,13 @@ def optimize(model: onnx.ModelProto, part_kind: str, target: str = "cpu") -> onn
         optimizer.topological_sort()
     finally:
         logging.disable(logging.NOTSET)
-    return optimizer.model
+    model = optimizer.model
+    # The fused operators are ONNX Runtime's (domain com.microsoft): a valid ONNX file imports that
+    # domain (onnx.checker refuses the graph otherwise; ONNX Runtime happens to run it anyway)
+    domains = {node.domain for node in model.graph.node if node.domain not in ("", "ai.onnx")}
+    imported = {entry.domain for entry in model.opset_import}
+    model.opset_import.extend(onnx.helper.make_opsetid(domain, 1) for domain in sorted(domains - imported))
+    return model
 
 
 # The ready-to-run file beside model.onnx: the graph after ONNX Runtime's own CPU optimisations, so

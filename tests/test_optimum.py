@@ -46,18 +46,15 @@ cannot be created the tests fail and say why. SDORT_SKIP_OPTIMUM=1 skips them in
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import TOKENIZER_DIR, tiny_components, tiny_xl_components
+from venv_support import cached_venv, log_tail, run_logged
 
 TOLERANCE = 1e-3
 
@@ -74,80 +71,14 @@ OPTIMUM_PINS = (
     "onnx==1.23.2",
     "onnxruntime==1.32.0",
 )
-PIP_TIMEOUT_S = 1800
 EXPORT_TIMEOUT_S = 600
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("SDORT_TEST_CACHE") or Path.home() / ".cache" / "sdort-tests")
-
-
-def _venv_key() -> str:
-    text = "\n".join([f"python {sys.version_info[0]}.{sys.version_info[1]}", OPTIMUM_TORCH, *OPTIMUM_PINS])
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _run(command, log, timeout, **kwargs):
-    """Run `command`, appending its output to `log`; returns the exit code (124 on timeout)."""
-    with open(log, "a") as out:
-        out.write(f"\n$ {' '.join(map(str, command))}\n")
-        out.flush()
-        try:
-            return subprocess.run([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, timeout=timeout, **kwargs).returncode
-        except subprocess.TimeoutExpired:
-            out.write(f"\n(timed out after {timeout} s)\n")
-            return 124
-
-
-def _tail(log: Path, lines: int = 25) -> str:
-    text = log.read_text(errors="replace").splitlines() if log.is_file() else []
-    return "\n".join([line for line in text if "is ignored: it is neither" not in line][-lines:])
 
 
 def optimum_venv() -> Path:
     """The cached virtual environment with Optimum's exporter; created here when missing."""
-    root = _cache_root()
-    venv = root / f"optimum-venv-{_venv_key()}"
-    done = venv / ".sdort-complete"
-    if done.is_file():
-        return venv
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{venv.name}.lock", "w") as lock:
-        try:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others then reuse its venv
-        except ImportError:  # not POSIX: no lock
-            pass
-        if done.is_file():
-            return venv
-        shutil.rmtree(venv, ignore_errors=True)  # a half-built one from an interrupted run
-        log = root / f"{venv.name}.log"
-        log.write_text("")
-        python = venv / "bin" / "python"
-        constraints = root / f"{venv.name}.constraints.txt"
-        constraints.write_text(OPTIMUM_TORCH + "\n")
-        pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
-        steps = [
-            [sys.executable, "-m", "venv", venv],
-            [*pip, OPTIMUM_TORCH],
-            [*pip, "-c", constraints, *OPTIMUM_PINS],
-            [python, "-c", "import optimum.exporters.onnx, torch; assert torch.__version__.startswith('2.13.0')"],
-        ]
-        for step in steps:
-            code = _run(step, log, PIP_TIMEOUT_S)
-            if code != 0:
-                pytest.fail(
-                    f"Could not build the Optimum virtual environment at {venv} (exit code {code} from "
-                    f"`{' '.join(map(str, step[:4]))} ...`; log: {log}). These tests export a model with "
-                    f"Optimum, whose packages ({', '.join(OPTIMUM_PINS)}) come from PyPI on first use and "
-                    f"are cached afterwards. Give this machine PyPI access once, or set SDORT_SKIP_OPTIMUM=1 "
-                    f"to skip them.\n--- last lines of the log ---\n{_tail(log)}",
-                    pytrace=False,
-                )
-        done.write_text(json.dumps({"torch": OPTIMUM_TORCH, "pins": OPTIMUM_PINS}) + "\n")
-    return venv
+    return cached_venv("optimum-venv", (OPTIMUM_TORCH, *OPTIMUM_PINS),
+                       "import optimum.exporters.onnx, torch; assert torch.__version__.startswith('2.13.0')",
+                       "SDORT_SKIP_OPTIMUM", first=OPTIMUM_TORCH)
 
 
 def save_hub_layout(folder: Path) -> None:
@@ -197,12 +128,12 @@ def optimum_export(cls, components, folder: Path, task: str, **load):
 
     out, log = folder / "optimum", folder / "optimum-cli.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    code = _run([venv / "bin" / "optimum-cli", "export", "onnx", "--task", task, "--model", source, out],
+    code = run_logged([venv / "bin" / "optimum-cli", "export", "onnx", "--task", task, "--model", source, out],
                 log, EXPORT_TIMEOUT_S, env=env)
     if code != 0:
-        pytest.fail(f"optimum-cli export failed (exit code {code}):\n{_tail(log)}", pytrace=False)
+        pytest.fail(f"optimum-cli export failed (exit code {code}):\n{log_tail(log)}", pytrace=False)
     if "newly initialized" in log.read_text(errors="replace"):
-        pytest.fail(f"Optimum's transformers loaded part of the model with random weights:\n{_tail(log)}",
+        pytest.fail(f"Optimum's transformers loaded part of the model with random weights:\n{log_tail(log)}",
                     pytrace=False)
     return reference, out
 

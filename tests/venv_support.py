@@ -44,9 +44,11 @@ def log_tail(log: Path, lines: int = 25) -> str:
     return "\n".join([line for line in text if "is ignored: it is neither" not in line][-lines:])
 
 
-def cached_venv(name: str, pins: tuple, check: str, skip_variable: str) -> Path:
+def cached_venv(name: str, pins: tuple, check: str, skip_variable: str, first: str | None = None) -> Path:
     """The virtual environment `name` with `pins` installed (and `check`, a Python snippet, passing
-    in it); created here when missing. `skip_variable` is named in the failure message."""
+    in it); created here when missing. `skip_variable` is named in the failure message. `first` (one
+    of `pins`, e.g. torch==2.13.0) is installed alone before the others and holds them as a pip
+    constraint: pip left to choose would pull another (a multi-GB CUDA torch)."""
     key = hashlib.sha256("\n".join([f"python {sys.version_info[0]}.{sys.version_info[1]}", *pins]).encode())
     root = cache_root()
     venv = root / f"{name}-{key.hexdigest()[:12]}"
@@ -67,11 +69,15 @@ def cached_venv(name: str, pins: tuple, check: str, skip_variable: str) -> Path:
         log = root / f"{venv.name}.log"
         log.write_text("")
         python = venv / "bin" / "python"
-        steps = [
-            [sys.executable, "-m", "venv", venv],
-            [python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet", *pins],
-            [python, "-c", check],
-        ]
+        pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
+        steps = [[sys.executable, "-m", "venv", venv]]
+        if first is None:
+            steps.append([*pip, *pins])
+        else:
+            constraints = root / f"{venv.name}.constraints.txt"
+            constraints.write_text(first + "\n")
+            steps += [[*pip, first], [*pip, "-c", constraints, *[pin for pin in pins if pin != first]]]
+        steps.append([python, "-c", check])
         for step in steps:
             code = run_logged(step, log, PIP_TIMEOUT_S)
             if code != 0:
