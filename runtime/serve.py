@@ -475,6 +475,14 @@ async def read_body(request, limits: Limits) -> dict:
     """The request's JSON object, refused beyond --max-body-mb (413) or when it is not JSON (400)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        # Read (and drop) a body up to a few times the limit before answering: a client that sends its
+        # whole body before reading (urllib, most scripts) otherwise meets a closed connection, a broken
+        # pipe instead of the 413. Beyond that the connection is simply closed on it.
+        drained = 0
+        async for chunk in request.stream():
+            drained += len(chunk)
+            if drained > 4 * limits.max_body_bytes:
+                break
         raise RequestError(413, f"body: {declared} bytes is more than the limit ({limits.max_body_bytes})",
                            "PayloadTooLarge")
     chunks, size = [], 0
