@@ -353,11 +353,14 @@ def check_options(args, loaded: LoadedModel) -> dict:
     inputs = task_inputs(args, loaded.xl)
     add_sld_inputs(args, inputs)
     pipe = loaded.pipe
-    if "negative_prompt" in inputs and "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+    takes = inspect.signature(pipe.__call__).parameters
+    if "negative_prompt" in inputs and "negative_prompt" not in takes:
         # LCM: guidance was distilled into the UNet against the empty prompt; diffusers takes none
         if inputs.pop("negative_prompt") is not None:
             raise ValueError(f"--negative-prompt: {type(pipe).__name__} takes no negative prompt")
-    if "num_images_per_prompt" not in inspect.signature(pipe.__call__).parameters and args.num_images != 1:
+    if "num_images_per_prompt" in takes:
+        inputs["num_images_per_prompt"] = args.num_images
+    elif args.num_images != 1:
         raise ValueError(f"--num-images: {type(pipe).__name__} makes one image per prompt")  # the latent upscaler
     return inputs
 
@@ -375,10 +378,7 @@ def generate(loaded: LoadedModel, args) -> Generation:
     seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**32)
     generator = make_generator(args.rng, seed)
     steps = args.steps if args.steps is not None else call_default(pipe, "num_inference_steps")
-    common = dict(num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=args.num_images,
-                  generator=generator)
-    if "num_images_per_prompt" not in inspect.signature(pipe.__call__).parameters:
-        del common["num_images_per_prompt"]
+    common = dict(num_inference_steps=steps, guidance_scale=guidance, generator=generator)
     depths = None
     if refiner is None:
         output = pipe(**common, **inputs)
@@ -388,7 +388,8 @@ def generate(loaded: LoadedModel, args) -> Generation:
         # diffusers' two-stage SDXL: the base stops at high_noise_frac and hands its latents over;
         # the refiner continues the same generator and finishes the schedule
         latents = pipe(**common, **inputs, denoising_end=args.high_noise_frac, output_type="latent").images
-        text = {k: v for k, v in inputs.items() if k in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")}
+        kept = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "num_images_per_prompt")
+        text = {k: v for k, v in inputs.items() if k in kept}
         images = refiner(**common, **text, image=latents, denoising_start=args.high_noise_frac).images
     parameters = {
         "task": args.command, "prompt": getattr(args, "prompt", None),
