@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from .exporter import DTYPES, ExportCheckError, export
+from .optimize import TARGETS
 from ..runtime.lora import parse_lora_argument
 from .sources import PRESETS
 
@@ -39,6 +40,11 @@ def parse_args(argv=None):
     parser.add_argument("--no-optimize", action="store_true",
                         help="keep the traced fp32 UNet graph as it is: no fused attention/LayerNorm/Gelu operators "
                              "and no ready-to-run CPU file (model.ort.onnx)")
+    parser.add_argument("--target", choices=TARGETS, default="cpu",
+                        help="the execution provider the UNet graph is fused for: cpu runs on every provider "
+                             "(ONNX Runtime's CPU fusions, and the ready-to-run CPU file); cuda adds the CUDA "
+                             "provider's own fusions (GroupNorm, NhwcConv, packed attention...) before the fp16 "
+                             "conversion and runs only with provider 'cuda' (onnxruntime-gpu) (default: cpu)")
     return parser.parse_args(argv)
 
 
@@ -47,7 +53,7 @@ def main(argv=None) -> int:
     try:
         export(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite,
                safety_checker=not args.no_safety_checker, config=args.config, allow_pickle=args.allow_pickle,
-               loras=args.lora, optimize_graphs=not args.no_optimize)
+               loras=args.lora, optimize_graphs=not args.no_optimize, target=args.target)
     except (ValueError, OSError, ConnectionError, ExportCheckError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"sd-export: error: {message}", file=sys.stderr)

@@ -60,10 +60,16 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
 
     The timestep input stays float32: float16 cannot represent fractional timesteps such as
     Karras schedules produce (980.4 would become 980.5), and the cast inside the graph is free.
+    The nodes are sorted again after: the converter appends its input Casts at the end of the node
+    list, which ONNX Runtime accepts but `onnx.checker` does not (nodes must be in topological order).
     """
+    import onnxruntime.transformers  # noqa: F401  puts its folder on sys.path (onnx_model's imports)
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    return convert_float_to_float16(model, keep_io_types=["timestep"], disable_shape_infer=True)
+    model = convert_float_to_float16(model, keep_io_types=["timestep"], disable_shape_infer=True)
+    OnnxModel(model).topological_sort()
+    return model
 
 
 def _weights_bytes(model: onnx.ModelProto) -> int:
@@ -166,12 +172,12 @@ def reference(part: Part, module: torch.nn.Module, modules: dict) -> tuple[dict,
 
 
 def compare(part: Part, folder: Path, inputs: dict, expected: list, output_names: list[str],
-            file: str = "model.onnx") -> float:
-    """Run the graph `file` in `folder` in ONNX Runtime on `inputs`; its largest error against
-    `expected`, relative to max(1, max|expected|), over all outputs."""
+            file: str = "model.onnx", provider: str = "cpu") -> float:
+    """Run the graph `file` in `folder` in ONNX Runtime (`provider`: cpu or cuda) on `inputs`; its
+    largest error against `expected`, relative to max(1, max|expected|), over all outputs."""
     from sdort.runtime.sessions import OnnxModel
 
-    session = OnnxModel(folder / file, provider="cpu", name=part.name)
+    session = OnnxModel(folder / file, provider=provider, name=part.name)
     got = session(**inputs)
     del session  # its weights, before the comparison's float64 copies
     error = 0.0

@@ -46,7 +46,53 @@ def _save_part_config(module, folder: Path) -> None:
         module.config.save_pretrained(folder)
 
 
-def _build(source, tmp: Path, dtype: str, log, optimize_graphs: bool = True) -> dict:
+def cuda_unavailable() -> str | None:
+    """Why ONNX Runtime cannot run a graph on the CUDA provider here, or None where it can: the
+    provider listed and starting (an onnxruntime-gpu without a usable GPU lists it all the same)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"no CUDA provider in this ONNX Runtime ({ort.__version__})"
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    probe = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), sess_options=options,
+                                       providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001  whatever stops it, the check is not run: say why
+        return f"the CUDA provider could not start: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    if "CUDAExecutionProvider" not in session.get_providers():
+        return "the CUDA provider could not start (no GPU, driver or CUDA libraries)"
+    return None
+
+
+def _check_cuda_part(part, folder: Path, inputs: dict, expected: list, output_names: list[str], dtype: str,
+                     traced: Path) -> tuple[float, dict | None, str]:
+    """The cuda target's part (`optimize.MODEL_TYPES`): its checks and its graph. Its fused operators
+    have no CPU kernels, so the CPU checks the traced graph as converted for `dtype` (folder's
+    model.onnx, today's export), then `optimize.optimize_part` replaces it with the CUDA graph made
+    from the float32 `traced` file, which is checked on the CUDA provider where one runs here.
+    Returns (largest error of the checks that ran, the optimisation record, what was checked where)."""
+    error = convert.compare(part, folder, inputs, expected, output_names)
+    checked_on = "CPUExecutionProvider: the traced graph, converted to the export's dtype without the CUDA fusions"
+    optimized = optimize.optimize_part(part.name, folder, dtype, "cuda", fp32_graph=traced)
+    if not optimized.get("fused"):  # the fusions failed: the traced graph stays, and was checked
+        optimized["checked_on"] = checked_on
+        return error, optimized, checked_on
+    why_not = cuda_unavailable()
+    if why_not is None:
+        error = max(error, convert.compare(part, folder, inputs, expected, output_names, provider="cuda"))
+        checked_on += "; CUDAExecutionProvider: the CUDA-fused graph"
+    else:
+        checked_on += f"; the CUDA-fused graph was not run ({why_not})"
+    optimized["checked_on"] = checked_on
+    return error, optimized, checked_on
+
+
+def _build(source, tmp: Path, dtype: str, log, optimize_graphs: bool = True, target: str = "cpu") -> dict:
     """Every part, one component's weights in memory at a time: a lazy source reads or builds each
     component when its first part begins and drops it once its last part is traced and run in torch,
     before ONNX Runtime opens the graph to check it."""
@@ -70,16 +116,24 @@ def _build(source, tmp: Path, dtype: str, log, optimize_graphs: bool = True) -> 
             source.release(part.component)
         part_dtype = dtype if part.fp16 else "fp32"
         convert.save_file(traced, folder, float16=part_dtype == "fp16")
+        checked_on = None
+        if optimize_graphs and target == "cuda" and part.name in optimize.MODEL_TYPES:
+            # fused from the float32 trace, then converted (optimize.py); checked where it can run
+            error, optimized, checked_on = _check_cuda_part(part, folder, inputs, expected, output_names,
+                                                            part_dtype, traced)
+        else:
+            # graph fusions and the CPU's ready-to-run file (optimize.py); the check runs on both files
+            optimized = optimize.optimize_part(part.name, folder, part_dtype, target) if optimize_graphs else None
+            checked = ["model.onnx"] + ([optimized["ready_to_run"]["file"]] if optimized else [])
+            error = max(convert.compare(part, folder, inputs, expected, output_names, file) for file in checked)
         shutil.rmtree(scratch)
-        # graph fusions and the CPU's ready-to-run file (optimize.py); the check below runs on both files
-        optimized = optimize.optimize_part(part.name, folder, part_dtype) if optimize_graphs else None
-        checked = ["model.onnx"] + ([optimized["ready_to_run"]["file"]] if optimized else [])
-        error = max(convert.compare(part, folder, inputs, expected, output_names, file) for file in checked)
         del inputs, expected
         tolerance = convert.TOLERANCE[part_dtype]
         size = _folder_size(folder)
         log(f"{part.name:<15} {time.perf_counter() - start:7.1f} s  {size / 1e6:9.1f} MB  {part_dtype}  "
             f"max abs error vs torch {error:.2e} (tolerance {tolerance:.0e})")
+        if checked_on:
+            log(f"{'':<15} checked on {checked_on}")
         if not error <= tolerance:
             raise ExportCheckError(
                 f"{part.name}: ONNX Runtime output differs from torch by {error:.3e}, above the tolerance {tolerance:.0e}"
@@ -195,14 +249,20 @@ def _ordinary_permissions(folder: Path) -> None:
 
 def export(model: str, out, dtype: str = "fp32", overwrite: bool = False, log=print,
            safety_checker: bool = True, config: str | None = None, allow_pickle: bool = False,
-           loras=(), optimize_graphs: bool = True) -> Path:
+           loras=(), optimize_graphs: bool = True, target: str = "cpu") -> Path:
     """Export MODEL (preset, diffusers folder, single-file checkpoint or Hub id) to the artifact folder
     OUT; `safety_checker=False` leaves out the model's safety checker (`sd-export --no-safety-checker`);
     `config` and `allow_pickle` are for a single file (`sd-export --config`, `--allow-pickle`); `loras`:
     [(file, scale)] fused into the weights before tracing (`sd-export --lora FILE[:SCALE]`);
-    `optimize_graphs=False` keeps the traced graphs as they are (`sd-export --no-optimize`; see optimize.py)."""
+    `optimize_graphs=False` keeps the traced graphs as they are (`sd-export --no-optimize`); `target`:
+    the execution provider the UNet's graph is fused for, cpu (runs anywhere) or cuda (the CUDA
+    provider only; `sd-export --target`; see optimize.py)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    optimize.check_target(target)
+    if target == "cuda" and not optimize_graphs:
+        raise ValueError("target 'cuda' is the CUDA provider's graph fusions, which --no-optimize turns off: "
+                         "drop --no-optimize, or use --target cpu --no-optimize for the traced graphs")
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
@@ -219,7 +279,7 @@ def export(model: str, out, dtype: str = "fp32", overwrite: bool = False, log=pr
     tmp.mkdir()
     try:
         try:
-            parts_info = _build(source, tmp, dtype, log, optimize_graphs)
+            parts_info = _build(source, tmp, dtype, log, optimize_graphs, target)
             _write_files(source, tmp, dtype, parts_info)
         except OSError as exc:
             if exc.errno != errno.ENOSPC and "No space left" not in str(exc):

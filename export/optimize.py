@@ -1,7 +1,9 @@
 """Export-time graph optimisation: ONNX Runtime's transformer fusions, chosen per target provider.
 
-ONNX Runtime's optimiser (`onnxruntime.transformers`) rewrites the UNet's traced attention blocks into
-fused operators. For the CPU target only the fusions the CPU provider has kernels for are used:
+ONNX Runtime's optimiser (`onnxruntime.transformers`) rewrites the UNet's traced blocks into fused
+operators. Two targets (`sd-export --target`):
+
+**cpu** (the default): only the fusions the CPU provider has kernels for.
 
 - `MultiHeadAttention` (com.microsoft) for every self- and cross-attention: its CPU kernel runs a
   flash-attention loop, so the [batch x heads, tokens, tokens] score tensors (8 x 4096 x 4096 floats
@@ -10,23 +12,42 @@ fused operators. For the CPU target only the fusions the CPU provider has kernel
   `BiasGelu` (GEGLU's gate).
 
 Left out, because only the CUDA provider runs them: GroupNorm / SkipGroupNorm, BiasSplitGelu, BiasAdd,
-NhwcConv and the packed QKV / KV attention inputs. A CUDA target (issue 12, section 4) adds those to
-its own entry in `_DISABLED` and converts to float16 after fusing (some fusions match only float32
-patterns).
+NhwcConv and the packed QKV / KV attention inputs. Q, K and V keep their own MatMuls and weights, so
+the fused graph holds the same weight tensors as the traced one: the parameter map for run-time LoRA
+still finds them. The fp32 graph also gets a ready-to-run CPU file (`write_ready_to_run`).
 
-Q, K and V keep their own MatMuls and weights (no packed QKV initializer), so the fused graph holds
-the same weight tensors as the traced one: the parameter map for run-time LoRA still finds them.
+**cuda**: what ONNX Runtime's own stable-diffusion script
+(`onnxruntime/transformers/models/stable_diffusion/optimize_pipeline.py`) does for the CUDA provider:
+every fusion `FusionOptions("unet")` enables (GroupNorm in NHWC and SkipGroupNorm, BiasSplitGelu,
+BiasAdd, NhwcConv, MultiHeadAttention for the CUDA kernels' flash / memory-efficient attention,
+LayerNorm, SkipLayerNorm, Gelu), with symbolic shape inference (SkipGroupNorm, SkipLayerNorm and
+BiasAdd only match with it), on the float32 graph first (some patterns match only in float32), then
+the float16 conversion (`convert.to_float16`; ORT's script blocks no operator for SD 1.x / 2.x / XL
+UNets). With float16 the self-attention takes packed QKV and the cross-attention packed KV (one
+interleaved weight each), as ORT's script does for float16 only; in float32 the self-attention is
+the `Attention` operator (one stacked QKV weight). Those operators have no CPU kernels and the
+stacked weights are no parameter's own tensor: a CUDA graph runs on the CUDA provider only
+(`sdort.runtime.sessions` refuses it elsewhere) and run-time LoRA cannot reach the attention
+projections and convolutions (parameters.json lists them as missing; export-time `--lora` works).
+No ready-to-run file: ONNX Runtime's CUDA-optimised graphs hold CUDA-provider kernels and layouts
+chosen for one GPU and ONNX Runtime build, not portable files.
 
-Three things stood between sdort's traced UNet and ONNX Runtime's fuser; they are dealt with here:
+Three things stood between sdort's traced UNet and ONNX Runtime's fuser; they are dealt with here,
+for both targets:
 - `FusionAttentionUnet.get_num_heads` calls `int()` on the head count it reads from the head-split
   Reshape's shape, a 1-element array; NumPy no longer converts arrays with ndim > 0 to scalars
   (NumPy 2.4.6 here: `TypeError: only 0-dimensional arrays can be converted to Python scalars`), so
-  the fusion crashed on every export. `_CpuAttention.get_num_heads` reads the same constant's element.
+  the fusion crashed on every export. `_Attention.get_num_heads` reads the same constant's element.
 - diffusers' attention processor ends with `.to(query.dtype)`, traced as a float-to-float Cast between
   the attention and `to_out`, which breaks the pattern: `drop_identity_casts` removes such Casts.
 - Without packed QKV, the fuser turns self-attention into the `Attention` operator (one stacked QKV
   weight, and a CPU kernel that materialises the scores); `_CpuAttention` emits `MultiHeadAttention`
   with separate Q, K and V for self-attention too, as the fuser does for cross-attention.
+
+The text encoder is left as traced (plain float16 conversion for fp16) for both targets: it runs once
+per prompt against the UNet's once per step, so its fusions would gain little, and CLIP's attention
+fusion stacks Q/K/V into one weight, which would take run-time LoRA and textual inversion's
+parameter map away from it. The VAE stays float32 and unfused.
 """
 
 from __future__ import annotations
@@ -38,7 +59,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-TARGETS = ("cpu",)
+TARGETS = ("cpu", "cuda")
 # The `onnxruntime.transformers` model type of each part the export optimises.
 MODEL_TYPES = {"unet": "unet"}
 # FusionOptions switched off per target: fusions whose operators that target's provider cannot run.
@@ -48,22 +69,29 @@ _DISABLED = {
             # symbolic shape inference only removes redundant Casts/Reshapes here, and on a 3.4 GB UNet
             # it holds a second copy of the graph; the attention patterns match without it
             "enable_shape_inference"),
+    # ORT's stable-diffusion script for the CUDA provider: all of FusionOptions("unet") (packing: see
+    # `fusion_options`). Symbolic shape inference stays on: without it the tiny UNet kept 97 Transposes
+    # against 44 and got no SkipGroupNorm, SkipLayerNormalization or BiasAdd; its cost is a second copy
+    # of the graph in memory while fusing.
+    "cuda": (),
 }
 # The fused operators counted in sdort.json (`onnxruntime.transformers`' own list, and Gelu).
 FUSED_OPS = ("MultiHeadAttention", "Attention", "LayerNormalization", "SkipLayerNormalization", "Gelu",
              "BiasGelu", "FastGelu", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "NhwcConv", "BiasAdd")
 
 
-def _unet_optimizer_class():
-    """ONNX Runtime's UNet optimiser with the attention fusion of `_CpuAttention` (defined here because
+def _unet_optimizer_class(target: str = "cpu"):
+    """ONNX Runtime's UNet optimiser with sdort's attention fusion for `target`: `_Attention` (ONNX
+    Runtime's, fixed for NumPy 2) for cuda, `_CpuAttention` for cpu (defined here because
     `onnxruntime.transformers` modules import each other by bare name once the package is imported)."""
     import onnxruntime.transformers  # noqa: F401  puts its folder on sys.path
     from fusion_attention_unet import FusionAttentionUnet
     from onnx import helper
     from onnx_model_unet import UnetOnnxModel
 
-    class _CpuAttention(FusionAttentionUnet):
-        """diffusers' attention (torch 2 SDPA or torch 1 pattern) -> MultiHeadAttention(Q, K, V)."""
+    class _Attention(FusionAttentionUnet):
+        """ONNX Runtime's UNet attention fusion (packed QKV / KV where enabled), with the head count
+        read under NumPy 2 and the search's output map built once per pass."""
 
         def get_num_heads(self, reshape_q, is_torch2: bool = False) -> int:
             if not is_torch2:
@@ -87,6 +115,9 @@ def _unet_optimizer_class():
             finally:
                 del self.model.output_name_to_node
 
+    class _CpuAttention(_Attention):
+        """diffusers' attention (torch 2 SDPA or torch 1 pattern) -> MultiHeadAttention(Q, K, V)."""
+
         def create_attention_node(self, q_matmul, k_matmul, v_matmul, num_heads, hidden_size, input, output):
             if self.is_cross_attention:
                 # queries from the image tokens, keys and values from one other tensor (the text)
@@ -106,24 +137,35 @@ def _unet_optimizer_class():
                                   else "MultiHeadAttention (self attention)")
             return node
 
-    class _CpuUnetModel(UnetOnnxModel):
+    attention = _CpuAttention if target == "cpu" else _Attention
+
+    class _UnetModel(UnetOnnxModel):
         def fuse_multi_head_attention(self, options=None):
+            # as UnetOnnxModel's: packed QKV for self-attention, packed KV for cross-attention
             for cross in (False, True):
-                _CpuAttention(self, self.hidden_size, self.num_heads, is_cross_attention=cross,
-                              enable_packed_qkv=False, enable_packed_kv=False).apply()
+                attention(self, self.hidden_size, self.num_heads, is_cross_attention=cross,
+                          enable_packed_qkv=not cross and options.enable_packed_qkv,
+                          enable_packed_kv=cross and options.enable_packed_kv).apply()
 
-    return _CpuUnetModel
+    return _UnetModel
 
 
-def fusion_options(model_type: str, target: str = "cpu"):
-    """ONNX Runtime's FusionOptions for `model_type`, less what `target`'s provider cannot run."""
+def check_target(target: str) -> None:
     if target not in TARGETS:
-        raise ValueError(f"optimisation target must be one of {', '.join(TARGETS)}; got {target!r}")
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
+
+
+def fusion_options(model_type: str, target: str = "cpu", float16: bool = False):
+    """ONNX Runtime's FusionOptions for `model_type`, less what `target`'s provider cannot run; for
+    cuda, packed QKV / KV only for a graph that `float16` says will be converted (as ORT's script)."""
+    check_target(target)
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     options = FusionOptions(model_type)
     for name in _DISABLED[target]:
         setattr(options, name, False)
+    if not float16:
+        options.enable_packed_qkv = options.enable_packed_kv = False
     return options
 
 
@@ -177,15 +219,16 @@ def drop_identity_casts(model: onnx.ModelProto) -> int:
     return len(casts)
 
 
-def optimize(model: onnx.ModelProto, part_kind: str, target: str = "cpu") -> onnx.ModelProto:
-    """Apply ONNX Runtime's transformer fusions for `target` to `model` (changed in place and
-    returned); `part_kind` is a key of `MODEL_TYPES`. No ONNX Runtime session optimisation runs here
-    (opt_level 0): the graph stays portable across providers that have the fused operators."""
+def optimize(model: onnx.ModelProto, part_kind: str, target: str = "cpu", float16: bool = False) -> onnx.ModelProto:
+    """Apply ONNX Runtime's transformer fusions for `target` to the float32 `model` (changed in place
+    and returned); `part_kind` is a key of `MODEL_TYPES`; `float16`: the graph is converted after
+    (see `fusion_options`). No ONNX Runtime session optimisation runs here (opt_level 0): the graph
+    stays portable across providers that have the fused operators."""
     if part_kind not in MODEL_TYPES:
         raise ValueError(f"no graph optimisation for part kind {part_kind!r}; known: {', '.join(MODEL_TYPES)}")
-    options = fusion_options(MODEL_TYPES[part_kind], target)
+    options = fusion_options(MODEL_TYPES[part_kind], target, float16)
     drop_identity_casts(model)
-    optimizer = _unet_optimizer_class()(model)
+    optimizer = _unet_optimizer_class(target)(model)
     logging.disable(logging.WARNING)  # the fuser's notes ("symbolic shape inference disabled", ...)
     try:
         optimizer.optimize(options)
@@ -235,18 +278,24 @@ def write_ready_to_run(folder: Path) -> dict:
             "level": "extended", "model_sha256": file_sha256(folder / "model.onnx")}
 
 
-def optimize_part(name: str, folder: Path, dtype: str, target: str = "cpu") -> dict | None:
+def optimize_part(name: str, folder: Path, dtype: str, target: str = "cpu", fp32_graph: Path | None = None) -> dict | None:
     """The export step for the part `name` saved in `folder`: fuse model.onnx in place (`optimize`) and
-    write its ready-to-run file; returns what sdort.json records, or None where nothing applies
-    (a part without fusions here, or a float16 graph: its fusions are the CUDA target's)."""
-    from .convert import save
+    write what the target adds; returns what sdort.json records, or None where nothing applies (a part
+    without fusions here, or a float16 graph for the cpu target: its fusions are the CUDA target's).
 
-    if name not in MODEL_TYPES or dtype != "fp32":
+    cpu: model.onnx (float32) fused, and its ready-to-run file. cuda: the float32 graph `fp32_graph`
+    (default model.onnx) fused, converted to float16 when `dtype` is fp16, saved as model.onnx."""
+    from .convert import save, to_float16
+
+    check_target(target)
+    if name not in MODEL_TYPES or (target == "cpu" and dtype != "fp32"):
         return None
     path = folder / "model.onnx"
     record = {"target": target}
     try:
-        model = optimize(onnx.load(str(path)), name, target)
+        model = optimize(onnx.load(str(fp32_graph or path)), name, target, float16=dtype == "fp16")
+        if target == "cuda" and dtype == "fp16":
+            model = to_float16(model)
     except Exception as exc:  # noqa: BLE001  the fuser on a graph it does not know: keep the traced one
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         warnings.warn(f"{name}: ONNX Runtime's graph fusions failed ({message}); the traced graph is kept")
@@ -257,5 +306,6 @@ def optimize_part(name: str, folder: Path, dtype: str, target: str = "cpu") -> d
             stale.unlink(missing_ok=True)  # onnx appends external data to an existing file
         save(model, folder)
         del model
-    record["ready_to_run"] = write_ready_to_run(folder)
+    if target == "cpu":
+        record["ready_to_run"] = write_ready_to_run(folder)
     return record

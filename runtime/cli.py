@@ -88,7 +88,7 @@ def _add_task(parser: argparse.ArgumentParser, task: str) -> None:
         parser.add_argument("--width", type=int, default=None, help="image width, a multiple of 8")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--scheduler", default=None, help="scheduler class or short name (see `sdort schedulers`)")
-    add_provider_arguments(parser)
+    add_provider_arguments(parser, cuda_graph=True)
     parser.add_argument("--vae-tiling", action="store_true",
                         help="decode (and encode) large images in overlapping tiles, as diffusers' enable_tiling()")
     parser.add_argument("--vae-slicing", action="store_true", help="decode (and encode) one image at a time")
@@ -97,14 +97,18 @@ def _add_task(parser: argparse.ArgumentParser, task: str) -> None:
                         help="re-run with the parameters of a PNG sdort or A1111 wrote; options given here win")
 
 
-def add_provider_arguments(parser: argparse.ArgumentParser) -> None:
-    """--provider and --precision, as `from_pretrained` takes them."""
+def add_provider_arguments(parser: argparse.ArgumentParser, cuda_graph: bool = False) -> None:
+    """--provider and --precision, as `from_pretrained` takes them; with `cuda_graph`, --cuda-graph too
+    (the one-image-at-a-time commands: a captured graph serves one image size and batch)."""
     parser.add_argument("--provider", choices=PROVIDERS, default="auto",
                         help="ONNX Runtime execution provider (auto: CUDA where available, else the CPU; "
                              "openvino needs sdort[openvino])")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="compute precision where the provider can choose it (bf16: OpenVINO on CPUs with "
                              "AVX-512 BF16 or AMX); fp32 keeps parity with diffusers")
+    if cuda_graph:
+        parser.add_argument("--cuda-graph", action="store_true",
+                            help="CUDA only: run the UNet as a captured CUDA graph on fixed device buffers")
 
 
 def build_parser(png_values: dict | None = None) -> argparse.ArgumentParser:
@@ -173,7 +177,7 @@ def run_task(args) -> int:
     add_sld_inputs(args, task_inputs(args, is_xl_folder(args.model)))  # the input files, before loading
     loaded = LoadedModel(args.command, args.model, args.provider, getattr(args, "refiner", None),
                          precision=args.precision, loras=getattr(args, "lora", None) or (),
-                         embeddings=getattr(args, "embedding", None) or ())
+                         embeddings=getattr(args, "embedding", None) or (), cuda_graph=getattr(args, "cuda_graph", False))
     for path in write_images(generate(loaded, args), args.output):
         print(path)
     return 0

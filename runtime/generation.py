@@ -245,7 +245,7 @@ def task_inputs(args, xl: bool) -> dict:
 
 
 def load_pipeline(class_name: str, provider: str, model: str, session_options=None, share=None,
-                  precision: str = "fp32"):
+                  precision: str = "fp32", cuda_graph: bool = False):
     """The pipeline `class_name` on a model folder; with `share` (a loaded pipeline of the same folder),
     built on its sessions as diffusers' `OtherPipeline(**pipe.components)`, where it has the parts."""
     from .. import runtime
@@ -264,7 +264,8 @@ def load_pipeline(class_name: str, provider: str, model: str, session_options=No
             pass
     elif share is not None:
         return share
-    return cls.from_pretrained(model, provider=provider, session_options=session_options, precision=precision)
+    return cls.from_pretrained(model, provider=provider, session_options=session_options, precision=precision,
+                               cuda_graph=cuda_graph)
 
 
 def call_default(pipe, name: str):
@@ -278,12 +279,12 @@ class LoadedModel:
 
     def __init__(self, task: str, model: str, provider: str = "auto", refiner: str | None = None,
                  session_options=None, share: LoadedModel | None = None, precision: str = "fp32",
-                 loras=(), embeddings=()):
+                 loras=(), embeddings=(), cuda_graph: bool = False):
         """`session_options`: ONNX Runtime's, for every session (None: sdort's defaults); `share`: a
         LoadedModel of the same folder (another task) whose sessions this one reuses where it can;
         `loras`: [(file, scale)], made the active adapters with their scales (diffusers'
         `load_lora_weights` + `set_adapters`); `embeddings`: [(file, token or None)], loaded with
-        `load_textual_inversion`."""
+        `load_textual_inversion`; `cuda_graph`: `from_pretrained`'s (the UNets as CUDA graphs)."""
         self.task, self.model = task, str(model)
         self.xl = is_xl_folder(self.model)
         if refiner is not None and not self.xl:
@@ -294,10 +295,10 @@ class LoadedModel:
             if not Path(refiner).is_dir():
                 raise FileNotFoundError(f"--refiner: {refiner}: no such model folder")
             self.refiner = load_pipeline(XL_TASKS["img2img"], provider, refiner, session_options,
-                                         precision=precision)
+                                         precision=precision, cuda_graph=cuda_graph)
         self.pipe = load_pipeline(pipeline_class_name(task, self.model), provider, self.model, session_options,
                                   share.pipe if share is not None and share.model == self.model else None,
-                                  precision)
+                                  precision, cuda_graph)
         self._schedulers = {None: (self.pipe.scheduler, self.refiner and self.refiner.scheduler)}
         self.loras, self.embeddings = list(loras), list(embeddings)
         if (self.loras or self.embeddings) and not hasattr(self.pipe, "load_lora_weights"):

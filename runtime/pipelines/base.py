@@ -186,14 +186,17 @@ class OnnxDiffusionPipeline(VaeCalls):
 
     @classmethod
     def from_pretrained(cls, path, provider: str = "auto", session_options=None, precision: str = "fp32",
-                        **overrides):
+                        cuda_graph: bool = False, **overrides):
         """Load an exported folder (sdort's `sd-export` or Optimum's ONNX layout).
 
         `provider`: "auto" (CUDA where available, else the CPU), "cpu", "cuda" or "openvino";
         `precision`: the compute precision, "fp32" (diffusers' parity) or "bf16" (OpenVINO on a CPU
-        with bf16 arithmetic). `overrides` replace loaded components (e.g. `scheduler=...`), as in diffusers.
+        with bf16 arithmetic). `cuda_graph=True` (CUDA only): the UNet, the part every step calls, runs
+        as a captured CUDA graph on fixed device buffers (`OnnxModel`'s `cuda_graph`); the pipeline then
+        serves one image size and batch, those of its first call. `overrides` replace loaded
+        components (e.g. `scheduler=...`), as in diffusers.
         """
-        check_provider(provider, precision)  # before any file is read: an unusable choice fails at once
+        check_provider(provider, precision, cuda_graph)  # before any file is read: an unusable choice fails at once
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no such model folder")
@@ -226,7 +229,7 @@ class OnnxDiffusionPipeline(VaeCalls):
                     raise FileNotFoundError(f"{model_file}: the '{name}' part is missing")
                 continue
             parts[name] = OnnxModel(model_file, provider=provider, name=name, session_options=session_options,
-                                    precision=precision)
+                                    precision=precision, cuda_graph=cuda_graph and name == "unet")
         parts.update(overrides)
         return cls(**parts)
 

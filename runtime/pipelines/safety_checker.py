@@ -17,7 +17,7 @@ import numpy as np
 
 from ..feature_extractors import CLIPImageProcessor
 from ..model_files import read_json
-from ..sessions import OnnxModel
+from ..sessions import OnnxModel, check_provider
 
 logger = logging.getLogger("sdort")
 
@@ -116,6 +116,8 @@ class SafetyCheckedPipeline:
     @classmethod
     def from_pretrained(cls, path, provider: str = "auto", session_options=None, precision: str = "fp32",
                         **overrides):
+        # before the safety checker's files are read (the base checks again, for its own callers)
+        check_provider(provider, precision, overrides.get("cuda_graph", False))
         if Path(path).is_dir():
             load_safety_parts(Path(path), provider, session_options, overrides, precision)
         return super().from_pretrained(path, provider=provider, session_options=session_options, precision=precision,
