@@ -83,12 +83,14 @@ def test_failed_check_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bad_sources(tmp_path):
-    result = run_cli(str(tmp_path / "missing"), str(tmp_path / "out"))
-    assert result.returncode == 2 and "missing" in result.stderr
+def test_bad_sources(tmp_path, capsys):
+    from sdort.export.cli import main  # in this process: the subprocess runs above prove the entry point
+
+    assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "missing" in capsys.readouterr().err
     (tmp_path / "folder").mkdir()
-    result = run_cli(str(tmp_path / "folder"), str(tmp_path / "out"))
-    assert result.returncode == 2 and "model_index.json" in result.stderr
+    assert main([str(tmp_path / "folder"), str(tmp_path / "out")]) == 2
+    assert "model_index.json" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
