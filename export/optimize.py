@@ -23,9 +23,11 @@ BiasAdd, NhwcConv, MultiHeadAttention for the CUDA kernels' flash / memory-effic
 LayerNorm, SkipLayerNorm, Gelu), with symbolic shape inference (SkipGroupNorm, SkipLayerNorm and
 BiasAdd only match with it), on the float32 graph first (some patterns match only in float32), then
 the float16 conversion (`convert.to_float16`; ORT's script blocks no operator for SD 1.x / 2.x / XL
-UNets). With float16 the self-attention takes packed QKV and the cross-attention packed KV (one
-interleaved weight each), as ORT's script does for float16 only; in float32 the self-attention is
-the `Attention` operator (one stacked QKV weight). Those operators have no CPU kernels and the
+UNets). BiasSplitGelu and BiasAdd are left out of a UNet whose widths their CUDA kernels refuse
+(`CUDA_KERNEL_WIDTHS`: SD's widths only), recorded as `not_fused`. With float16 the self-attention
+takes packed QKV and the cross-attention packed KV (one interleaved weight each), as ORT's script
+does for float16 only; in float32 the self-attention is the `Attention` operator (one stacked QKV
+weight). Those operators have no CPU kernels and the
 stacked weights are no parameter's own tensor: a CUDA graph runs on the CUDA provider only
 (`sdort.runtime.sessions` refuses it elsewhere) and run-time LoRA cannot reach the attention
 projections and convolutions (parameters.json lists them as missing; export-time `--lora` works).
@@ -155,14 +157,15 @@ def check_target(target: str) -> None:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
 
 
-def fusion_options(model_type: str, target: str = "cpu", float16: bool = False):
-    """ONNX Runtime's FusionOptions for `model_type`, less what `target`'s provider cannot run; for
-    cuda, packed QKV / KV only for a graph that `float16` says will be converted (as ORT's script)."""
+def fusion_options(model_type: str, target: str = "cpu", float16: bool = False, disabled=()):
+    """ONNX Runtime's FusionOptions for `model_type`, less what `target`'s provider cannot run and the
+    options named in `disabled`; for cuda, packed QKV / KV only for a graph that `float16` says will
+    be converted (as ORT's script)."""
     check_target(target)
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     options = FusionOptions(model_type)
-    for name in _DISABLED[target]:
+    for name in (*_DISABLED[target], *disabled):
         setattr(options, name, False)
     if not float16:
         options.enable_packed_qkv = options.enable_packed_kv = False
@@ -219,14 +222,16 @@ def drop_identity_casts(model: onnx.ModelProto) -> int:
     return len(casts)
 
 
-def optimize(model: onnx.ModelProto, part_kind: str, target: str = "cpu", float16: bool = False) -> onnx.ModelProto:
+def optimize(model: onnx.ModelProto, part_kind: str, target: str = "cpu", float16: bool = False,
+             disabled=()) -> onnx.ModelProto:
     """Apply ONNX Runtime's transformer fusions for `target` to the float32 `model` (changed in place
     and returned); `part_kind` is a key of `MODEL_TYPES`; `float16`: the graph is converted after
-    (see `fusion_options`). No ONNX Runtime session optimisation runs here (opt_level 0): the graph
-    stays portable across providers that have the fused operators."""
+    (see `fusion_options`); `disabled`: FusionOptions to switch off besides the target's. No ONNX
+    Runtime session optimisation runs here (opt_level 0): the graph stays portable across providers
+    that have the fused operators."""
     if part_kind not in MODEL_TYPES:
         raise ValueError(f"no graph optimisation for part kind {part_kind!r}; known: {', '.join(MODEL_TYPES)}")
-    options = fusion_options(MODEL_TYPES[part_kind], target, float16)
+    options = fusion_options(MODEL_TYPES[part_kind], target, float16, disabled)
     drop_identity_casts(model)
     optimizer = _unet_optimizer_class(target)(model)
     logging.disable(logging.WARNING)  # the fuser's notes ("symbolic shape inference disabled", ...)
@@ -278,6 +283,26 @@ def write_ready_to_run(folder: Path) -> dict:
             "level": "extended", "model_sha256": file_sha256(folder / "model.onnx")}
 
 
+# CUDA kernels that take only SD's widths (onnxruntime/contrib_ops/cuda/diffusion/bias_split_gelu.cc and
+# bias_add.cc refuse any other at run time: GEGLU's at 320, 640 and 1280 channels, the residual add's
+# channels): operator -> (its FusionOptions switch, the lengths its bias input may have). A UNet of
+# other widths is fused without those operators.
+CUDA_KERNEL_WIDTHS = {"BiasSplitGelu": ("enable_bias_splitgelu", (2560, 5120, 10240)),
+                      "BiasAdd": ("enable_bias_add", (320, 640, 1280))}
+
+
+def unsupported_cuda_widths(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """The `CUDA_KERNEL_WIDTHS` operators of the graph whose bias length their CUDA kernel refuses:
+    operator -> those lengths."""
+    lengths = {tensor.name: tensor.dims[0] for tensor in model.graph.initializer if len(tensor.dims) == 1}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type in CUDA_KERNEL_WIDTHS and node.input[1] in lengths:
+            if lengths[node.input[1]] not in CUDA_KERNEL_WIDTHS[node.op_type][1]:
+                found.setdefault(node.op_type, set()).add(lengths[node.input[1]])
+    return {op: sorted(widths) for op, widths in sorted(found.items())}
+
+
 def optimize_part(name: str, folder: Path, dtype: str, target: str = "cpu", fp32_graph: Path | None = None) -> dict | None:
     """The export step for the part `name` saved in `folder`: fuse model.onnx in place (`optimize`) and
     write what the target adds; returns what sdort.json records, or None where nothing applies (a part
@@ -293,7 +318,16 @@ def optimize_part(name: str, folder: Path, dtype: str, target: str = "cpu", fp32
     path = folder / "model.onnx"
     record = {"target": target}
     try:
-        model = optimize(onnx.load(str(fp32_graph or path)), name, target, float16=dtype == "fp16")
+        source = str(fp32_graph or path)
+        model = optimize(onnx.load(source), name, target, float16=dtype == "fp16")
+        refused = unsupported_cuda_widths(model) if target == "cuda" else {}
+        if refused:  # again, from the traced graph, without the fusions the kernels would refuse
+            record["not_fused"] = {op: f"widths {widths}: its CUDA kernel takes only "
+                                       f"{', '.join(map(str, CUDA_KERNEL_WIDTHS[op][1]))}"
+                                   for op, widths in refused.items()}
+            model = optimize(onnx.load(source), name, target, float16=dtype == "fp16",
+                             disabled=[CUDA_KERNEL_WIDTHS[op][0] for op in refused])
+            assert not unsupported_cuda_widths(model)  # the switches above remove every such node
         if target == "cuda" and dtype == "fp16":
             model = to_float16(model)
     except Exception as exc:  # noqa: BLE001  the fuser on a graph it does not know: keep the traced one

@@ -2,10 +2,12 @@
 the float32 UNet, then float16; what sdort.json says was checked where; the runtime's refusals.
 
 Without a CUDA provider (this project's CI machines) the fused graph cannot run: its GroupNorm,
-NhwcConv, BiasSplitGelu, BiasAdd and packed-QKV attention have no CPU kernels. What these tests prove
-here is the graph's form (which operators, which dtypes, valid ONNX that ONNX Runtime type-checks), the
-honesty of the record, and the refusals. The numbers of the fused graph against diffusers are proven
-only where a CUDA provider runs: `test_cuda_pipeline_matches_diffusers_fp16`, skipped otherwise.
+NhwcConv and packed-QKV attention (and BiasSplitGelu and BiasAdd, at SD's widths) have no CPU
+kernels. What these tests prove here is the graph's form (which operators, which dtypes, valid ONNX
+that ONNX Runtime type-checks), the honesty of the record, and the refusals; and, through a test-only
+rewrite into standard operators, the fused graph's numbers on the CPU. The CUDA kernels' numbers
+against diffusers are proven only where a CUDA provider runs: `test_cuda_pipeline_matches_diffusers_fp16`,
+skipped otherwise.
 """
 
 from __future__ import annotations
@@ -52,14 +54,37 @@ def test_cuda_fusions_in_the_unet(sd1, cuda_export):
     # never the CPU target's separate Q, K, V (three inputs), nor the stacked-weight Attention operator
     assert sorted(len(node.input) for node in mha) == [1] * (attentions // 2) + [2] * (attentions // 2)
     assert "Attention" not in ops
-    # the CUDA provider's own operators; none of the CPU target's forms (its Gelu for GEGLU, NCHW Conv)
-    for op in ("GroupNorm", "SkipGroupNorm", "NhwcConv", "BiasSplitGelu", "BiasAdd", "SkipLayerNormalization"):
+    # the CUDA provider's own operators; none of the CPU target's NCHW Conv and InstanceNorm
+    for op in ("GroupNorm", "SkipGroupNorm", "NhwcConv", "SkipLayerNormalization"):
         assert op in ops, op
-    assert "Gelu" not in ops and "Conv" not in ops and "InstanceNormalization" not in ops
+    assert "Conv" not in ops and "InstanceNormalization" not in ops
     record = json.loads((out / "sdort.json").read_text())["parts"]["unet"]["optimization"]
     assert record["target"] == "cuda"
+    # the tiny UNet's widths are none the BiasSplitGelu / BiasAdd CUDA kernels take (SD's 320, 640, 1280
+    # channels): fused without them, and the record says why (a real SD UNet keeps them)
+    assert "BiasSplitGelu" not in ops and "BiasAdd" not in ops
+    assert sorted(record["not_fused"]) == ["BiasAdd", "BiasSplitGelu"]
+    assert "its CUDA kernel takes only 2560, 5120, 10240" in record["not_fused"]["BiasSplitGelu"]
     assert record["fused"] == {op: ops.count(op) for op in sorted(set(record["fused"]))}
     assert record["fused"]["MultiHeadAttention"] == attentions
+
+
+def test_cuda_kernel_widths_are_read_from_the_bias():
+    """`unsupported_cuda_widths` on one-node graphs: SD's widths pass, others are named."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdort.export.optimize import unsupported_cuda_widths
+
+    def graph(op, width):
+        node = helper.make_node(op, ["x", "b"] + (["s"] if op == "BiasAdd" else []), ["y"], domain="com.microsoft")
+        values = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("x", "s", "y")]
+        return helper.make_model(helper.make_graph([node], "g", values[:2], values[2:],
+                                                   [numpy_helper.from_array(np.zeros(width, np.float32), "b")]))
+
+    assert unsupported_cuda_widths(graph("BiasSplitGelu", 5120)) == {}
+    assert unsupported_cuda_widths(graph("BiasAdd", 640)) == {}
+    assert unsupported_cuda_widths(graph("BiasSplitGelu", 512)) == {"BiasSplitGelu": [512]}
+    assert unsupported_cuda_widths(graph("BiasAdd", 64)) == {"BiasAdd": [64]}
 
 
 def test_dtypes_and_valid_graphs(cuda_export):
@@ -198,3 +223,94 @@ def test_cuda_pipeline_matches_diffusers_fp16(sd1, cuda_export):
     expected = reference(latents=torch.from_numpy(latents).to("cuda", torch.float16), **kwargs).images
     assert got.std() > 1e-3, "degenerate image: the comparison would prove nothing"
     assert np.abs(got - np.asarray(expected, np.float32)).max() <= FP16_TOLERANCE
+
+
+def _attention_module(tensor: str) -> str:
+    """The diffusers module name of the attention whose traced tensor is `tensor`
+    ("/model/down_blocks.1/attentions.0/transformer_blocks.0/attn1/Reshape_3_output_0" ->
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1")."""
+    return ".".join(tensor.split("/")[2:-1])
+
+
+def test_cuda_fused_graph_decomposed_runs_torch_numbers_on_cpu(sd1, cuda_export):
+    """The CUDA-fused fp16 UNet's numbers, without a GPU: `cuda_ops_support.decompose_cuda_ops`
+    rewrites each CUDA-only operator (NhwcConv, GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd,
+    packed-QKV / packed-KV MultiHeadAttention) into standard ONNX operators with ONNX Runtime's
+    definitions of them, reading the fused graph's own tensors; the CPU provider runs the result
+    (with its fp32 fallback for fp16 nodes it has no kernels for) against the torch UNet in float32.
+
+    What it proves: the fused graph's wiring and weights — the interleaved QKV / KV packing, the NHWC
+    conv weights, SkipGroupNorm's skip / bias / second output, BiasSplitGelu's halves and bias and
+    BiasAdd's operands (where the graph has them: not at the tiny UNet's widths), GroupNorm's
+    recovered gamma / beta / epsilon / SiLU — compute diffusers' UNet. What it does not: the CUDA kernels themselves (their fp16 arithmetic, tiling, the flash
+    attention paths); `test_cuda_pipeline_matches_diffusers_fp16` does, on a GPU.
+
+    Compared: the UNet's output, and every fused attention's output (the MultiHeadAttention result,
+    torch's input to `to_out`): the tiny random UNet's attention is nearly uniform, so a Q / K mix-up
+    moves the UNet's output by only ~3e-2, but that attention's own output by ~0.45.
+    Inputs: the export check's own (`parts.UNET.sample`, latents 8 x 16: not square, so NHWC
+    height / width mix-ups show), at batch 2 (timesteps 1 and 981). Bound: the export's fp16 bound,
+    3e-2 relative to max(1, max|torch|) (export/convert.py TOLERANCE), for float16 weights and
+    activations through the UNet's depth; measured 1.9e-3 (output), 2.8e-3 (worst attention). Each
+    deliberate misreading of the graph (`MISTAKES`: K and V swapped, Q and K swapped, the NHWC weight
+    read as NCHW, BiasSplitGelu's halves swapped, GroupNorm's SiLU dropped) must land past the
+    bound; measured 9e-2 to 1.6.
+    """
+    import onnxruntime as ort
+    import torch
+    from cuda_ops_support import MISTAKES, decompose_cuda_ops
+    from diffusers.models.attention_processor import Attention
+
+    from sdort.export.convert import CHECK_SHAPE
+    from sdort.export.parts import unet_part
+
+    out, _ = cuda_export
+    unet = sd1[0].unet
+    fused = onnx.load(str(out / "unet" / "model.onnx"))
+    attentions = [node.output[0] for node in fused.graph.node if node.op_type == "MultiHeadAttention"]
+    modules = dict(unet.named_modules())
+    assert all(isinstance(modules.get(_attention_module(name)), Attention) for name in attentions)
+    assert len(attentions) == sum(isinstance(module, Attention) for module in modules.values())
+
+    part = unet_part(unet)
+    sample = part.sample(unet, 2, *CHECK_SHAPE[1:], {})
+    [output] = part.output_names(unet)
+    expected = {}
+
+    def keep(name):
+        return lambda module, args: expected.__setitem__(name, args[0].numpy().astype(np.float64))
+
+    hooks = [modules[_attention_module(name)].to_out[0].register_forward_pre_hook(keep(name))
+             for name in attentions]
+    try:
+        with torch.no_grad():
+            expected[output] = part.wrap(unet).eval()(*sample).numpy().astype(np.float64)
+    finally:
+        for hook in hooks:  # `sd1` is the session's: leave its UNet as it was
+            hook.remove()
+    types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in fused.graph.input}
+    feed = {name: t.numpy().astype(types[name]) for name, t in zip(part.inputs, sample)}
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the fp32 fallback's notes
+
+    def error(mistake=None) -> float:
+        """The largest error, relative to max(1, max|torch|), over the output and the attentions."""
+        model = decompose_cuda_ops(fused, mistake)
+        assert [o.name for o in model.graph.output] == [output]
+        model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT16, None)
+                                  for name in attentions)
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in model.graph.output]
+        worst = 0.0
+        for name, got in zip(names, session.run(names, feed)):
+            assert got.shape == expected[name].shape, name
+            ref = expected[name]
+            worst = max(worst, float(np.abs(got.astype(np.float64) - ref).max()) / max(1.0, float(np.abs(ref).max())))
+        return worst
+
+    assert error() <= FP16_TOLERANCE
+    ops = {node.op_type for node in fused.graph.node}
+    for mistake in MISTAKES:  # the check can fail: each misreading of the fused graph shows
+        if mistake == "gelu_halves_swapped" and "BiasSplitGelu" not in ops:
+            continue  # the tiny UNet is fused without it (test_cuda_fusions_in_the_unet)
+        assert error(mistake) > FP16_TOLERANCE, mistake
