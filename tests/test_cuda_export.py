@@ -242,8 +242,9 @@ def test_cuda_fused_graph_decomposed_runs_torch_numbers_on_cpu(sd1, cuda_export)
     What it proves: the fused graph's wiring and weights — the interleaved QKV / KV packing, the NHWC
     conv weights, SkipGroupNorm's skip / bias / second output, BiasSplitGelu's halves and bias and
     BiasAdd's operands (where the graph has them: not at the tiny UNet's widths), GroupNorm's
-    recovered gamma / beta / epsilon / SiLU — compute diffusers' UNet. What it does not: the CUDA kernels themselves (their fp16 arithmetic, tiling, the flash
-    attention paths); `test_cuda_pipeline_matches_diffusers_fp16` does, on a GPU.
+    recovered gamma / beta / epsilon / SiLU — compute diffusers' UNet. What it does not: the CUDA
+    kernels themselves (their fp16 arithmetic, tiling, the flash attention paths);
+    `test_cuda_pipeline_matches_diffusers_fp16` does, on a GPU.
 
     Compared: the UNet's output, and every fused attention's output (the MultiHeadAttention result,
     torch's input to `to_out`): the tiny random UNet's attention is nearly uniform, so a Q / K mix-up
