@@ -70,18 +70,19 @@ def cuda_unavailable() -> str | None:
 
 
 def _check_cuda_part(part, folder: Path, inputs: dict, expected: list, output_names: list[str], dtype: str,
-                     traced: Path) -> tuple[float, dict | None, str]:
+                     traced: Path) -> tuple[float, dict]:
     """The cuda target's part (`optimize.MODEL_TYPES`): its checks and its graph. Its fused operators
     have no CPU kernels, so the CPU checks the traced graph as converted for `dtype` (folder's
     model.onnx, today's export), then `optimize.optimize_part` replaces it with the CUDA graph made
     from the float32 `traced` file, which is checked on the CUDA provider where one runs here.
-    Returns (largest error of the checks that ran, the optimisation record, what was checked where)."""
+    Returns (largest error of the checks that ran, the optimisation record: its `checked_on` says what
+    was checked where)."""
     error = convert.compare(part, folder, inputs, expected, output_names)
     checked_on = "CPUExecutionProvider: the traced graph, converted to the export's dtype without the CUDA fusions"
     optimized = optimize.optimize_part(part.name, folder, dtype, "cuda", fp32_graph=traced)
     if not optimized.get("fused"):  # the fusions failed: the traced graph stays, and was checked
         optimized["checked_on"] = checked_on
-        return error, optimized, checked_on
+        return error, optimized
     why_not = cuda_unavailable()
     if why_not is None:
         error = max(error, convert.compare(part, folder, inputs, expected, output_names, provider="cuda"))
@@ -89,7 +90,7 @@ def _check_cuda_part(part, folder: Path, inputs: dict, expected: list, output_na
     else:
         checked_on += f"; the CUDA-fused graph was not run ({why_not})"
     optimized["checked_on"] = checked_on
-    return error, optimized, checked_on
+    return error, optimized
 
 
 def _build(source, tmp: Path, dtype: str, log, optimize_graphs: bool = True, target: str = "cpu") -> dict:
@@ -119,8 +120,8 @@ def _build(source, tmp: Path, dtype: str, log, optimize_graphs: bool = True, tar
         checked_on = None
         if optimize_graphs and target == "cuda" and part.name in optimize.MODEL_TYPES:
             # fused from the float32 trace, then converted (optimize.py); checked where it can run
-            error, optimized, checked_on = _check_cuda_part(part, folder, inputs, expected, output_names,
-                                                            part_dtype, traced)
+            error, optimized = _check_cuda_part(part, folder, inputs, expected, output_names, part_dtype, traced)
+            checked_on = optimized["checked_on"]
         else:
             # graph fusions and the CPU's ready-to-run file (optimize.py); the check runs on both files
             optimized = optimize.optimize_part(part.name, folder, part_dtype, target) if optimize_graphs else None

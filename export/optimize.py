@@ -303,27 +303,6 @@ def unsupported_cuda_widths(model: onnx.ModelProto) -> dict[str, list[int]]:
     return {op: sorted(widths) for op, widths in sorted(found.items())}
 
 
-def _refused_by_config(folder: Path) -> dict[str, list[int]]:
-    """What `unsupported_cuda_widths` would find in the fused UNet, known before fusing from its
-    config.json (saved beside it): BiasSplitGelu's bias is GEGLU's 8 x channels and BiasAdd's the
-    channels, of each block with attention (diffusers' `*CrossAttn*` blocks and mid block), so the
-    export fuses once."""
-    from ..runtime.model_files import read_json
-
-    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
-    channels = list(config.get("block_out_channels") or [])
-    if not channels:
-        return {}
-    with_attention = {width for width, kind in zip(channels, config.get("down_block_types") or []) if "Attn" in kind}
-    with_attention |= {width for width, kind in zip(reversed(channels), config.get("up_block_types") or [])
-                       if "Attn" in kind}
-    if "Attn" in str(config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"):
-        with_attention.add(channels[-1])
-    widths = {"BiasSplitGelu": {8 * width for width in with_attention}, "BiasAdd": with_attention}
-    refused = {op: sorted(found - set(CUDA_KERNEL_WIDTHS[op][1])) for op, found in widths.items()}
-    return {op: found for op, found in sorted(refused.items()) if found}
-
-
 def optimize_part(name: str, folder: Path, dtype: str, target: str = "cpu", fp32_graph: Path | None = None) -> dict | None:
     """The export step for the part `name` saved in `folder`: fuse model.onnx in place (`optimize`) and
     write what the target adds; returns what sdort.json records, or None where nothing applies (a part
@@ -340,15 +319,11 @@ def optimize_part(name: str, folder: Path, dtype: str, target: str = "cpu", fp32
     record = {"target": target}
     try:
         source = str(fp32_graph or path)
-        refused = _refused_by_config(folder) if target == "cuda" else {}
-        model = optimize(onnx.load(source), name, target, float16=dtype == "fp16",
-                         disabled=[CUDA_KERNEL_WIDTHS[op][0] for op in refused])
-        missed = unsupported_cuda_widths(model) if target == "cuda" else {}
-        if missed:  # a UNet the config did not describe: again, without those fusions
-            refused.update(missed)
+        model = optimize(onnx.load(source), name, target, float16=dtype == "fp16")
+        refused = unsupported_cuda_widths(model) if target == "cuda" else {}
+        if refused:  # again, from the traced graph, without the fusions those kernels refuse
             model = optimize(onnx.load(source), name, target, float16=dtype == "fp16",
                              disabled=[CUDA_KERNEL_WIDTHS[op][0] for op in refused])
-        if refused:
             record["not_fused"] = {op: f"widths {widths}: its CUDA kernel takes only "
                                        f"{', '.join(map(str, CUDA_KERNEL_WIDTHS[op][1]))}"
                                    for op, widths in sorted(refused.items())}

@@ -198,6 +198,11 @@ def _ready_record(path: Path, providers: list) -> dict:
     return ready if ready.get("provider") == "CPUExecutionProvider" else {}
 
 
+def _asks_for_cuda(providers: list) -> bool:
+    """Whether the provider list (names, or (name, options) pairs) asks for the CUDA provider."""
+    return any((entry if isinstance(entry, str) else entry[0]) == "CUDAExecutionProvider" for entry in providers)
+
+
 def _check_graph_target(path: Path, name: str, provider: str, providers: list) -> None:
     """Refuse, before ONNX Runtime reads it, a graph the export fused for providers other than
     `providers` (those asked for, as `provider` chose them):
@@ -210,8 +215,7 @@ def _check_graph_target(path: Path, name: str, provider: str, providers: list) -
     fused = record.get("fused") or {}
     if not fused:
         return
-    if record.get("target") == "cuda" and not any(
-            (entry if isinstance(entry, str) else entry[0]) == "CUDAExecutionProvider" for entry in providers):
+    if record.get("target") == "cuda" and not _asks_for_cuda(providers):
         where = ("provider='auto', which found no usable CUDA provider and runs on the CPU" if provider == "auto"
                  else f"provider={provider!r}")
         raise ValueError(f"{path}: the '{name}' graph was exported for ONNX Runtime's CUDA provider (`sd-export "
@@ -310,8 +314,7 @@ class OnnxModel:
             self.file = ready or path
             options.graph_optimization_level = READY_TO_RUN_LEVEL if ready else CPU_GRAPH_LEVEL
         check_model_file(self.file)  # before ONNX Runtime reads it: a corrupt file, weights outside the folder
-        cuda_tried = any((entry if isinstance(entry, str) else entry[0]) == "CUDAExecutionProvider"
-                         for entry in providers)
+        cuda_tried = _asks_for_cuda(providers)
         try:
             try:
                 self.session = ort.InferenceSession(str(self.file), sess_options=options, providers=providers,
@@ -426,7 +429,7 @@ class OnnxModel:
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
             else:
-                keep_alive.append(value.array if isinstance(value, StagedInput) else self.prepare(name, value))
+                keep_alive.append(self.prepare(name, value))
                 binding.bind_cpu_input(name, keep_alive[-1])
         for name in self.outputs:
             binding.bind_output(name, self.device)
